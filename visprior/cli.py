@@ -1,0 +1,80 @@
+"""The `visprior` command.
+
+`visprior fit|validate|test|predict --config X.yaml` are LightningCLI subcommands: every YAML key is a constructor argument of the
+stage (`model:`), the data module (`data:`) or the Trainer (`trainer:`), validated by jsonargparse before any work starts.
+Recipes may list `_base_:` fragments, applied before the file itself. Our own subcommands (`data`, `eval`) are plain
+jsonargparse CLIs over typed functions, so their `--help` comes from the signatures too.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+USAGE = """usage: visprior <command> [options]
+
+Training (LightningCLI; every key is a constructor argument; `--print_config` shows the resolved config):
+  fit --config X.yaml [--trainer.max_steps N ...]     train a stage (recipes/_base/stages/*.yaml)
+  validate | test | predict --config X.yaml
+
+Our own:
+  data toyworld --out DIR --preset smoke|toy [--seed N]   generate the procedural toy world as WebDataset shards
+  data tokenizer --data DIR --out DIR [--vocab_size N]    train the toy BPE tokenizer on a toy world's corpora
+
+Run `visprior <command> --help` for the options of one command.
+"""
+
+
+def run_lightning(argv: Sequence[str]) -> None:
+    """LightningCLI on `argv` (subcommand first), with `_base_` fragments expanded into repeated `--config`."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from visprior.config import RecipeError, expand_config_args
+
+    try:
+        args = expand_config_args(list(argv))
+    except RecipeError as e:
+        raise SystemExit(f"visprior: {e}") from None
+    # We pass the expanded args ourselves; Lightning would warn that sys.argv is set too.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    LightningCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"default_env": False},
+        args=args,
+    )
+
+
+def run_data(argv: Sequence[str]) -> None:
+    from jsonargparse import CLI
+
+    from visprior.data import commands
+
+    CLI(commands.DATA_COMMANDS, args=list(argv), as_positional=False)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": run_data}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_SUBCOMMANDS:
+        run_lightning(argv)
+    elif command in COMMANDS:
+        COMMANDS[command](rest)
+    else:
+        raise SystemExit(f"visprior: unknown command {command!r}\n\n{USAGE}")
+
+
+if __name__ == "__main__":
+    main()
