@@ -219,7 +219,11 @@ def decode_sample(kind: SampleKind | str, key: str, members: dict[str, bytes]) -
     if not isinstance(conversations, list) or not conversations:
         raise SampleError("schema", "'conversations' must be a non-empty list", key)
     for i, turn in enumerate(conversations):
-        if not (isinstance(turn, dict) and turn.get("from") in ("human", "gpt", "system") and isinstance(turn.get("value"), str)):
+        if not (
+            isinstance(turn, dict)
+            and turn.get("from") in ("human", "gpt", "system")
+            and isinstance(turn.get("value"), str)
+        ):
             raise SampleError("schema", f"turn {i} must be {{'from': human|gpt|system, 'value': str}}", key)
     images = _numbered_images(members, key)
     ordered = [images[m] for m in sorted(images, key=lambda m: int(_IMG_MEMBER.match(m).group(1)))]
