@@ -62,7 +62,9 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.language_model.parameters()).device
 
 
-def _pixel_values(model: nn.Module, images: Sequence[Sequence[Image.Image]], device: torch.device) -> torch.Tensor | None:
+def _pixel_values(
+    model: nn.Module, images: Sequence[Sequence[Image.Image]], device: torch.device
+) -> torch.Tensor | None:
     flat = [img for row in images for img in row]
     if not flat:
         return None
@@ -132,7 +134,9 @@ def generate(
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)  # [B, T]
         attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         embeds = model.embed(input_ids, _pixel_values(model, imgs, device))  # [B, T, D]
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+        )
         new = lm.generate(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -193,7 +197,9 @@ def score_options(
         attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         pv = _pixel_values(model, [images[i] for i, _, _ in chunk], device)
         logits = model.language_model(inputs_embeds=model.embed(input_ids, pv), attention_mask=attention_mask).logits
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+        logp = (
+            F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        )  # [B, T-1]
         for row, (_, p, o) in enumerate(chunk):
             lp = logp[row, len(p) - 1 : len(p) - 1 + len(o)]
             flat.append(OptionScore(float(lp.sum()), float(lp.mean()), len(o)))
