@@ -1,0 +1,214 @@
+"""Rows of tokenized samples: packing several documents per row (or one per row), collation, and the block-causal mask.
+
+`Packer` keeps a small buffer of samples and, once it is full, emits the row that a first-fit-decreasing pass over the buffer
+fills best, so padding stays at a few percent. Within a row every document restarts its position ids at 0 and carries its own
+document id (-1 for padding); `block_causal_mask` turns those ids into an attention mask that never crosses documents.
+The first label of every document is set to -100: with the usual shifted loss it would be predicted from the previous
+document's last token, and alone it is never predicted at all, so masking it makes a packed document's loss equal its loss alone.
+
+Mask forms for Hugging Face LMs (transformers 5, checked in `masking_utils.py` and the attention functions): a 4D mask is passed
+through unchanged. `sdpa` accepts a boolean mask (True = attend) or an additive float mask; `eager` *adds* the mask to the scores,
+so a boolean mask would silently add 1/0. `block_causal_bias` (0 / dtype-min, in the model's dtype) is right for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from visprior.data.formats import SampleError
+from visprior.data.tokenize import IGNORE_INDEX, TokenizedSample
+
+
+@dataclass
+class Row:
+    """One training sequence, unpadded: `collate_rows` pads it. `document_ids` are 0, 1, 2, ... per document."""
+
+    input_ids: list[int] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+    document_ids: list[int] = field(default_factory=list)
+    images: list[torch.Tensor] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def add(self, sample: TokenizedSample) -> None:
+        doc = len(self.keys)
+        n = len(sample.input_ids)
+        self.input_ids.extend(sample.input_ids)
+        self.labels.extend([IGNORE_INDEX] + list(sample.labels[1:]))
+        self.position_ids.extend(range(n))
+        self.document_ids.extend([doc] * n)
+        self.images.extend(sample.images)
+        self.keys.append(sample.key)
+
+
+def _to_state(s: TokenizedSample) -> dict[str, Any]:
+    return {
+        "key": s.key,
+        "input_ids": list(s.input_ids),
+        "labels": list(s.labels),
+        "images": list(s.images),
+        "source": s.source,
+    }
+
+
+def _from_state(d: dict[str, Any]) -> TokenizedSample:
+    return TokenizedSample(d["key"], list(d["input_ids"]), list(d["labels"]), list(d["images"]), d.get("source", ""))
+
+
+def _check_length(sample: TokenizedSample, seq_len: int) -> None:
+    if not sample.input_ids:
+        raise SampleError("empty_text", "tokenized sample has no tokens", sample.key)
+    if len(sample.input_ids) > seq_len:
+        raise SampleError("too_long", f"{len(sample.input_ids)} tokens > seq_len {seq_len}", sample.key)
+
+
+class Packer:
+    """RowBuilder that packs several samples per row by first-fit-decreasing over a buffer of `buffer_size` samples.
+
+    Deterministic: ties in length are broken by arrival order. `flush()` empties the buffer at the end of finite data.
+    """
+
+    def __init__(self, seq_len: int, pad_id: int, buffer_size: int = 64):
+        if buffer_size < 1:
+            raise ValueError(f"buffer_size must be at least 1, got {buffer_size}")
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+        self.buffer_size = buffer_size
+        self._buffer: list[TokenizedSample] = []
+
+    def push(self, sample: TokenizedSample) -> list[Row]:
+        """Buffer `sample`; return the row it completes, if the buffer is full."""
+        _check_length(sample, self.seq_len)
+        self._buffer.append(sample)
+        return [self._emit()] if len(self._buffer) >= self.buffer_size else []
+
+    def flush(self) -> list[Row]:
+        """Pack everything still buffered into rows."""
+        rows = []
+        while self._buffer:
+            rows.append(self._emit())
+        return rows
+
+    def _emit(self) -> Row:
+        order = sorted(range(len(self._buffer)), key=lambda i: (-len(self._buffer[i].input_ids), i))
+        free, chosen = self.seq_len, []
+        for i in order:
+            n = len(self._buffer[i].input_ids)
+            if n <= free:
+                chosen.append(i)
+                free -= n
+        row = Row()
+        for i in sorted(chosen):
+            row.add(self._buffer[i])
+        taken = set(chosen)
+        self._buffer = [s for i, s in enumerate(self._buffer) if i not in taken]
+        return row
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seq_len": self.seq_len, "buffer": [_to_state(s) for s in self._buffer]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["seq_len"] != self.seq_len:
+            raise ValueError(f"packer state was saved with seq_len {state['seq_len']}, this packer has {self.seq_len}")
+        self._buffer = [_from_state(d) for d in state["buffer"]]
+
+
+class Padder:
+    """RowBuilder with one sample per row (the unpacked baseline); stateless."""
+
+    def __init__(self, seq_len: int, pad_id: int):
+        self.seq_len = seq_len
+        self.pad_id = pad_id
+
+    def push(self, sample: TokenizedSample) -> list[Row]:
+        _check_length(sample, self.seq_len)
+        row = Row()
+        row.add(sample)
+        return [row]
+
+    def flush(self) -> list[Row]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+def collate_rows(rows: list[Row], pad_id: int, pad_to: int | None = None) -> dict[str, Any]:
+    """The batch dict of docs/contracts.md, rows right-padded to the longest row (or to `pad_to`)."""
+    if not rows:
+        raise ValueError("cannot collate an empty list of rows")
+    t = max(max(len(r) for r in rows), pad_to or 0)
+
+    def stack(attr: str, fill: int) -> torch.Tensor:
+        return torch.tensor([getattr(r, attr) + [fill] * (t - len(r)) for r in rows], dtype=torch.long)  # [B, T]
+
+    images = [im for r in rows for im in r.images]
+    return {
+        "input_ids": stack("input_ids", pad_id),
+        "labels": stack("labels", IGNORE_INDEX),
+        "position_ids": stack("position_ids", 0),
+        "document_ids": stack("document_ids", -1),
+        "pixel_values": torch.stack(images) if images else None,  # [N, C, H, W]
+        "keys": [k for r in rows for k in r.keys],
+    }
+
+
+def pack_sequences(samples: list[TokenizedSample], seq_len: int, pad_id: int, buffer_size: int = 64) -> dict[str, Any]:
+    """Pack a finite list of samples into one batch (tests, evaluation)."""
+    packer = Packer(seq_len, pad_id, buffer_size)
+    rows = [row for s in samples for row in packer.push(s)] + packer.flush()
+    return collate_rows(rows, pad_id)
+
+
+def pad_sequences(samples: list[TokenizedSample], seq_len: int, pad_id: int) -> dict[str, Any]:
+    """One sample per row, padded to the longest (evaluation, the unpacked baseline)."""
+    padder = Padder(seq_len, pad_id)
+    return collate_rows([row for s in samples for row in padder.push(s)], pad_id)
+
+
+def padding_fraction(rows: list[Row], seq_len: int | None = None) -> float:
+    """Fraction of pad tokens when every row is padded to `seq_len` (default: the longest row)."""
+    t = seq_len or max(len(r) for r in rows)
+    return 1.0 - sum(len(r) for r in rows) / (t * len(rows))
+
+
+def unpack(batch: dict[str, Any]) -> list[tuple[str, list[int], list[int]]]:
+    """`(key, input_ids, labels)` of every document of a batch, in order: the inverse of packing (for tests and debugging)."""
+    out, keys = [], iter(batch["keys"])
+    for ids, labels, docs in zip(batch["input_ids"], batch["labels"], batch["document_ids"]):
+        for d in range(int(docs.max()) + 1):
+            sel = docs == d
+            out.append((next(keys), ids[sel].tolist(), labels[sel].tolist()))
+    return out
+
+
+def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """BoolTensor [B, 1, T, T], True where query i may attend key j: same document, j <= i, document >= 0.
+
+    Padding positions (-1) attend to themselves only, so no softmax row is empty (no NaN).
+    """
+    b, t = document_ids.shape
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
+    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
+    valid = (document_ids >= 0)[:, :, None]
+    eye = torch.eye(t, dtype=torch.bool, device=document_ids.device)
+    return ((same & causal & valid) | eye).unsqueeze(1)
+
+
+def block_causal_bias(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive float mask [B, 1, T, T]: 0 where `block_causal_mask` is True, the dtype's minimum elsewhere.
+
+    Pass this as `attention_mask` to a Hugging Face LM: it is right for both `eager` and `sdpa` attention.
+    """
+    mask = block_causal_mask(document_ids)
+    zero = torch.zeros((), dtype=dtype, device=document_ids.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
