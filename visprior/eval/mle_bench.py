@@ -1,0 +1,209 @@
+"""MLE-Bench (Multi-Level Existence Bench) in the real benchmark's schema, read from any local copy people have.
+
+Rows carry `image`, `question`, `choices` (4), `answer` (the answer *text*) and `sub_task` in `existence_0-30 |
+existence_30-60 | existence_60-100` (the object's share of the image: small / medium / large). The prompt follows lmms-eval's
+`mle_bench` task; the model answers greedily in at most 16 tokens and the letter is extracted by `extract_letter`. Since tiny
+models rarely follow the letter format, a likelihood-scored variant (the option text with the highest mean log-likelihood) is
+reported beside it. Readers: HF `save_to_disk` folders (arrow IPC streams), parquet files, and imagefolder + metadata.jsonl
+(the toy world's layout).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from torch import nn
+
+from visprior.eval.generate import chat_prompt, generate, pick_option, score_options
+from visprior.eval.results import Accumulator, DatasetInfo, TaskResult, macro_average
+
+LETTERS = "ABCD"
+LEVELS = {"existence_0-30": "small", "existence_30-60": "medium", "existence_60-100": "large"}
+POST_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+@dataclass
+class MLEItem:
+    image: Image.Image
+    question: str
+    choices: list[str]
+    answer: str
+    sub_task: str
+
+    @property
+    def level(self) -> str:
+        return LEVELS[self.sub_task]
+
+    @property
+    def gold(self) -> int:
+        """Index of the right choice: `answer` is the choice text (a bare letter is accepted too)."""
+        if self.answer in self.choices:
+            return self.choices.index(self.answer)
+        if len(self.answer) == 1 and self.answer.upper() in LETTERS[: len(self.choices)]:
+            return LETTERS.index(self.answer.upper())
+        raise ValueError(f"answer {self.answer!r} is not one of the choices {self.choices}")
+
+
+# ------------------------------------------------------------------------------------------------------------- reading
+
+
+def _image(value: object, root: Path) -> Image.Image:
+    """An image from the HF `Image` feature's struct {bytes, path}, a bare path, or bytes."""
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return Image.open(io.BytesIO(value)).convert("RGB")
+    if isinstance(value, str):
+        p = Path(value)
+        return Image.open(p if p.is_absolute() else root / p).convert("RGB")
+    raise ValueError(f"cannot read an image from {type(value).__name__}")
+
+
+def _item(row: dict, root: Path, image_key: str = "image") -> MLEItem:
+    if row.get("sub_task") not in LEVELS:
+        raise ValueError(f"sub_task {row.get('sub_task')!r} is not one of {sorted(LEVELS)}")
+    if len(row["choices"]) != 4:
+        raise ValueError(f"MLE-Bench rows have 4 choices, got {len(row['choices'])}")
+    return MLEItem(_image(row[image_key], root), row["question"], list(row["choices"]), row["answer"], row["sub_task"])
+
+
+def _read_arrow(path: Path) -> pa.Table:
+    """`save_to_disk` writes arrow IPC *streams*; plain IPC files are accepted too."""
+    with pa.memory_map(str(path)) as src:
+        try:
+            return pa.ipc.open_stream(src).read_all()
+        except pa.ArrowInvalid:
+            pass
+    with pa.memory_map(str(path)) as src:
+        return pa.ipc.open_file(src).read_all()
+
+
+def _rows(tables: Sequence[pa.Table]) -> list[dict]:
+    return [row for t in tables for row in t.to_pylist()]
+
+
+def _save_to_disk_dir(path: Path) -> Path:
+    """A DatasetDict folder holds one split folder per split: take `test`, else the only one."""
+    if (path / "dataset_dict.json").exists():
+        splits = json.loads((path / "dataset_dict.json").read_text())["splits"]
+        return path / ("test" if "test" in splits else splits[0])
+    return path
+
+
+def load_mle_bench(path: str | os.PathLike, limit: int | None = None) -> list[MLEItem]:
+    """Items from an imagefolder (+ metadata.jsonl), an HF `save_to_disk` folder, or parquet file(s)."""
+    p = Path(path)
+    if p.is_dir() and (p / "metadata.jsonl").exists():
+        lines = (p / "metadata.jsonl").read_text().splitlines()
+        items = [_item(json.loads(line), p, "file_name") for line in lines[:limit] if line.strip()]
+    elif p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
+        d = _save_to_disk_dir(p)
+        files = [d / f["filename"] for f in json.loads((d / "state.json").read_text())["_data_files"]]
+        items = [_item(r, d) for r in _rows([_read_arrow(f) for f in files])[:limit]]
+    else:
+        files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
+        if not files:
+            raise FileNotFoundError(f"{p}: no metadata.jsonl, save_to_disk state.json or parquet files")
+        items = [_item(r, p if p.is_dir() else p.parent) for r in _rows([pq.read_table(f) for f in files])[:limit]]
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------------- prompting
+
+
+def build_prompt(item: MLEItem) -> str:
+    """lmms-eval's MLE-Bench user text: image, question, lettered options, the letter instruction."""
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices))
+    return f"<image>\n{item.question}\n{options}\n{POST_PROMPT}"
+
+
+_WHOLE = re.compile(r"^[\s\"'*(\[]*([A-Da-d])[\s\"'*)\].:,]*$")
+_LEADING = re.compile(r"^[\s\"'*]*\(?([A-D])(?:[).:]|\s*$|\s*\n)")
+_PHRASE = re.compile(
+    r"\b(?i:answer|option|choice)\s*(?i:is|:)?\s*(?i:option\s*)?[\"'*(\[]*(?:([A-D])\b|([a-d])(?=[)\].:,]|\s*$))(?![-'])"
+)
+_STANDALONE = re.compile(r"(?<![A-Za-z'])\(?([A-D])(?![A-Za-z'])\)?")
+
+
+def extract_letter(text: str, choices: Sequence[str] | None = None) -> str | None:
+    """The answer letter in a model output, or None (scored wrong) when there is none or it is ambiguous.
+
+    Rules, first match wins:
+    1. the whole output is one letter, any case, maybe bracketed or followed by `.`/`)`/`:` (`A`, `(b)`, `C.`);
+    2. an upper-case letter opening the output followed by `.`, `)`, `:` or the end of a line (`A. cat`, `(A) cat`);
+    3. phrases `answer is X`, `answer: X`, `option X`, `choice X` (any case): one distinct letter, else ambiguous;
+    4. standalone upper-case letters A-D anywhere (not the article in `A cat`): exactly one distinct letter, else ambiguous;
+    5. the output equals exactly one option's text (case-insensitive).
+    Empty outputs and outputs naming several different letters give None.
+    """
+    text = text.strip()
+    if not text:
+        return None
+    if m := _WHOLE.match(text):
+        return m.group(1).upper()
+    if m := _LEADING.match(text):
+        return m.group(1)
+    if found := {(up or low).upper() for up, low in _PHRASE.findall(text)}:
+        return found.pop() if len(found) == 1 else None
+    found = {m.group(1) for m in _STANDALONE.finditer(text) if not _is_article(text, m)}
+    if found:
+        return found.pop() if len(found) == 1 else None
+    if choices:
+        hits = [i for i, c in enumerate(choices) if c.strip().lower() == text.rstrip(".").lower()]
+        if len(hits) == 1:
+            return LETTERS[hits[0]]
+    return None
+
+
+def _is_article(text: str, m: re.Match) -> bool:
+    """`A` followed by a lower-case word (other than and/or/nor) reads as the article, not an option."""
+    return m.group(0) == "A" and bool(re.match(r"\s+(?!(?:and|or|nor)\b)[a-z]", text[m.end() :]))
+
+
+# --------------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_mle_bench(
+    model: nn.Module,
+    items: Sequence[MLEItem],
+    *,
+    dataset: DatasetInfo,
+    batch_size: int = 8,
+    max_new_tokens: int = 16,
+    likelihood: bool = True,
+    seed: int = 0,
+) -> TaskResult:
+    """Accuracy per level (small / medium / large) and their macro average, generated and (optionally) likelihood-scored."""
+    start = time.perf_counter()
+    prompts = [chat_prompt(build_prompt(it)) for it in items]
+    images = [[it.image] for it in items]
+    outputs = generate(model, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    acc = Accumulator()
+    for it, out in zip(items, outputs):
+        letter = extract_letter(out, it.choices)
+        acc.update(f"gen/{it.level}", float(letter == LETTERS[it.gold]))
+        acc.update("gen/answered", float(letter is not None))
+    if likelihood:
+        scores = score_options(model, prompts, [[c for c in it.choices] for it in items], images, batch_size=batch_size)
+        for it, s in zip(items, scores):
+            acc.update(f"ll/{it.level}", float(pick_option(s) == it.gold))
+    metrics = {}
+    for kind in ("gen", "ll") if likelihood else ("gen",):
+        per_level = {lvl: acc.accuracy(f"{kind}/{lvl}") for lvl in LEVELS.values() if f"{kind}/{lvl}" in acc.names()}
+        metrics.update({f"{kind}/{lvl}": m for lvl, m in per_level.items()})
+        metrics[f"{kind}/average"] = macro_average(list(per_level.values()))
+    metrics["gen/answered"] = acc.accuracy("gen/answered")
+    extra = {"examples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outputs))[:3]]}
+    return TaskResult("mle_bench", dataset, metrics, time.perf_counter() - start, extra)
