@@ -1,0 +1,175 @@
+"""VisionLanguageModel: vision tower + connector + HF causal LM, one forward for packed multimodal (or text-only) batches.
+
+Connector outputs replace the `<image>` token embeddings in order, so the LM never sees a special image path and stays a
+plain HF causal LM that can be saved and exported as it is. With `vision_tower=None` the same class is the text-only model
+of the language pre-training stage: one forward signature for every stage, and its `language_model` initialises the next.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from visprior.data.packing import block_causal_mask
+from visprior.models.connectors import ConnectorSpec, build_connector
+from visprior.models.language import (
+    IGNORE_INDEX,
+    LanguageModelSpec,
+    build_language_model,
+    causal_lm_loss,
+    image_token_id,
+)
+from visprior.models.vision import VisionTower, VisionTowerSpec, build_vision_tower
+
+COMPONENTS = ("vision_tower", "connector", "language_model")
+
+
+@dataclass
+class VLMSpec:
+    """The three parts; `vision_tower=None` builds the text-only model for language pre-training."""
+
+    language_model: LanguageModelSpec
+    vision_tower: VisionTowerSpec | None = None
+    connector: ConnectorSpec = field(default_factory=ConnectorSpec)
+
+
+@dataclass
+class VLMOutput:
+    """Loss (None without labels), logits `[B, T, V]`, supervised-token count, and the image features used."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    num_supervised: torch.Tensor | None
+    image_features: torch.Tensor | None = None  # [N, K, D] connector outputs placed at image_mask
+    image_mask: torch.Tensor | None = None  # [B, T] True at image-token positions
+
+
+def _attention_mask(document_ids: torch.Tensor, dtype: torch.dtype, attn_implementation: str) -> torch.Tensor:
+    """The block-causal mask in the form the LM's attention backend takes (bool for sdpa, additive float for eager)."""
+    mask = block_causal_mask(document_ids)  # [B, 1, T, T]
+    if mask.dtype == torch.bool and attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    return mask
+
+
+class VisionLanguageModel(nn.Module):
+    """Vision tower + connector + causal LM; components are named so stages freeze and initialise them by name."""
+
+    def __init__(
+        self,
+        language_model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        vision_tower: VisionTower | None = None,
+        connector: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if (vision_tower is None) != (connector is None):
+            raise ValueError("give both a vision tower and a connector, or neither (text-only model)")
+        self.vision_tower = vision_tower
+        self.connector = connector
+        self.language_model = language_model
+        self.tokenizer = tokenizer
+        self.image_token_id: int = image_token_id(tokenizer)
+        self.num_image_tokens: int = connector.num_tokens if connector is not None else 0
+        self.image_transform: Callable[[Image.Image], torch.Tensor] | None = (
+            vision_tower.image_transform if vision_tower is not None else None
+        )
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`[N, C, H, W]` -> connector outputs `[N, K, D_lm]`."""
+        if self.vision_tower is None:
+            raise ValueError("this model is text-only (built without a vision tower) but got pixel_values")
+        return self.connector(self.vision_tower(pixel_values))  # [N, K, D]
+
+    def _embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeds = self.language_model.get_input_embeddings()(input_ids)  # [B, T, D]
+        is_image = input_ids == self.image_token_id  # [B, T]
+        num_image_tokens = int(is_image.sum())
+        if pixel_values is None:
+            if num_image_tokens:
+                raise ValueError(f"input_ids hold {num_image_tokens} image tokens but pixel_values is None")
+            return embeds, None
+        features = self.encode_images(pixel_values)  # [N, K, D]
+        expected = features.shape[0] * features.shape[1]
+        if num_image_tokens != expected:
+            raise ValueError(
+                f"input_ids hold {num_image_tokens} image tokens but {features.shape[0]} images x {features.shape[1]} "
+                f"tokens per image = {expected} are needed (num_image_tokens={self.num_image_tokens})"
+            )
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))  # row-major, in order
+        return embeds, features
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings `[B, T, D]` with image features written over the image-token positions, row-major."""
+        return self._embed(input_ids, pixel_values)[0]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+    ) -> VLMOutput:
+        """Logits and (with labels) the mean loss over supervised tokens.
+
+        `document_ids` `[B, T]` (-1 = padding) gives block-causal attention, and targets whose previous token lies in
+        another document are not supervised; without it attention is plain causal over the row.
+        """
+        embeds, features = self._embed(input_ids, pixel_values)  # [B, T, D]
+        if document_ids is not None:
+            attn_impl = self.language_model.config._attn_implementation
+            attention_mask = _attention_mask(document_ids, embeds.dtype, attn_impl)  # [B, 1, T, T]
+        else:  # an explicit 2D mask stops transformers from inferring packing from position_ids
+            attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)  # [B, T]
+        out = self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        )
+        loss = num_supervised = None
+        if labels is not None:
+            if document_ids is not None:
+                crosses = torch.zeros_like(labels, dtype=torch.bool)  # [B, T]
+                crosses[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+                labels = labels.masked_fill(crosses, IGNORE_INDEX)
+            loss, num_supervised = causal_lm_loss(out.logits, labels)
+        image_mask = input_ids == self.image_token_id if features is not None else None
+        return VLMOutput(loss, out.logits, num_supervised, features, image_mask)
+
+
+def build_vlm(spec: VLMSpec) -> VisionLanguageModel:
+    """Build LM + tokenizer, and (unless text-only) the tower and a connector sized between them."""
+    language_model, tokenizer = build_language_model(spec.language_model)
+    if spec.vision_tower is None:
+        return VisionLanguageModel(language_model, tokenizer)
+    tower = build_vision_tower(spec.vision_tower)
+    lm_dim = language_model.get_input_embeddings().embedding_dim
+    connector = build_connector(spec.connector, tower.hidden_size, lm_dim, tower.num_tokens)
+    return VisionLanguageModel(language_model, tokenizer, tower, connector)
+
+
+def set_trainable(model: nn.Module, components: Iterable[str]) -> None:
+    """Train exactly the named child modules and freeze the rest (eval mode for frozen parts is the stage's call)."""
+    names = set(components)
+    children = dict(model.named_children())
+    unknown = names - set(children)
+    if unknown:
+        raise ValueError(f"unknown component(s) {sorted(unknown)}; the model has {sorted(children)}")
+    for name, child in children.items():
+        child.requires_grad_(name in names)  # VisionTower keeps its unreachable parameters frozen
+
+
+def trainable_parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
+    """`(component, trainable, frozen)` parameter counts per child module, for a log line per component."""
+    rows = []
+    for name, child in model.named_children():
+        trainable = sum(p.numel() for p in child.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in child.parameters() if not p.requires_grad)
+        rows.append((name, trainable, frozen))
+    return rows
