@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 
 import pytest
@@ -76,6 +77,20 @@ def test_long_text_is_chunked(st: SampleTokenizer) -> None:
     assert [c.key for c in chunks] == [f"k#{i}" for i in range(len(chunks))]
     joined = [i for c in chunks for i in c.input_ids]
     assert joined == st.encode_text(text) + [st.eos_id]
+
+
+def test_lone_trailing_token_is_dropped(tokenizer) -> None:
+    n = len(SampleTokenizer(tokenizer, None, 0, 1000).encode_text("red circle " * 10))
+    chunks = SampleTokenizer(tokenizer, None, 0, max_length=n)(TextSample("k", "red circle " * 10))
+    assert [len(c.input_ids) for c in chunks] == [n]
+
+
+def test_picklable_for_dataloader_workers(st: SampleTokenizer) -> None:
+    sample = ConversationSample(
+        "c", [{"from": "human", "value": "<image> what"}, {"from": "gpt", "value": "red"}], [image()]
+    )
+    again = pickle.loads(pickle.dumps(st))
+    assert again(sample)[0].input_ids == st(sample)[0].input_ids
 
 
 def test_pair_caption_supervised_image_masked(st: SampleTokenizer, tokenizer) -> None:

@@ -96,6 +96,8 @@ class SampleTokenizer:
         self.image_id = image_token_id(tokenizer) if num_image_tokens > 0 else None
         self._turn_start = self._special_id(self.chat.start)
         self._turn_end = self._special_id(self.chat.end)
+        if getattr(tokenizer, "backend_tokenizer", None) is None:
+            raise TypeError(f"tokenizer {tokenizer.name_or_path!r} is not a fast (tokenizers-backed) tokenizer")
         # A copy of the backend that treats special-token strings in data as plain text (no injection).
         self._plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._plain.encode_special_tokens = True
@@ -139,6 +141,8 @@ class SampleTokenizer:
             raise SampleError("empty_text", "text encodes to no tokens", sample.key)
         ids.append(self.eos_id)
         chunks = [ids[i : i + self.max_length] for i in range(0, len(ids), self.max_length)]
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks.pop()  # a lone trailing token has nothing before it to be predicted from
         keys = [sample.key] if len(chunks) == 1 else [f"{sample.key}#{i}" for i in range(len(chunks))]
         return [TokenizedSample(k, c, list(c), [], self.source) for k, c in zip(keys, chunks)]
 
