@@ -11,18 +11,20 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import webdataset as wds
 
 from visprior.data.formats import SCHEMA_VERSION, Sample, SampleError, SampleKind, decode_sample, encode_sample
 
 MANIFEST = "manifest.json"
+_META_MEMBER = re.compile(r"^__[^/]*__$")  # webdataset-style metadata members, never sample data
 
 
 class UnsafeTarMember(SampleError):
@@ -66,6 +68,11 @@ def write_shards(
         for sample in samples:
             if sample.kind is not kind:
                 raise TypeError(f"dataset {name!r} is {kind.value}, got a {sample.kind.value} sample {sample.key!r}")
+            if not sample.key or "." in sample.key or not is_safe_member(sample.key):
+                raise ValueError(
+                    f"sample key {sample.key!r} in {name!r}: keys must be non-empty, relative and dot-free "
+                    "(WebDataset splits member names at the first dot)"
+                )
             members = encode_sample(sample, image_format=image_format)
             sink.write({"__key__": sample.key, **members})
             counts[Path(sink.fname).name] += 1
@@ -88,7 +95,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     mfile = p / MANIFEST if p.is_dir() else p
     if not mfile.exists():
-        raise FileNotFoundError(f"no {MANIFEST} in {p}: is this a visprior dataset folder? (see `visprior data --help`)")
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {p}: is this a visprior dataset folder? (see `visprior data --help`)"
+        )
     manifest = json.loads(mfile.read_text())
     for s in manifest["shards"]:
         s["path"] = str((mfile.parent / s["path"]).resolve())
@@ -105,7 +114,9 @@ def resolve_shards(spec: str | os.PathLike | list[str]) -> list[str]:
         paths = sorted(p for pat in wds.shardlists.expand_urls(str(spec)) for p in (glob.glob(pat) or [pat]))
     missing = [p for p in paths if not Path(p).exists()]
     if missing:
-        raise FileNotFoundError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise FileNotFoundError(
+            f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if not paths:
         raise FileNotFoundError(f"no shards match {spec}")
     return paths
@@ -140,7 +151,12 @@ class SkipCounter:
             self.examples.setdefault(k, v)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seen": self.seen, "by_reason": dict(self.by_reason), "by_shard": dict(self.by_shard), "examples": dict(self.examples)}
+        return {
+            "seen": self.seen,
+            "by_reason": dict(self.by_reason),
+            "by_shard": dict(self.by_shard),
+            "examples": dict(self.examples),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.seen = state["seen"]
@@ -155,39 +171,58 @@ class SkipCounter:
         return f"{self.seen} samples read, {self.skipped} skipped ({reasons})"
 
 
+def _clean_end(f: BinaryIO, offset: int) -> bool:
+    """True when an uncompressed tar ends properly at `offset` (a zero block), not in a cut or garbled header.
+
+    tarfile treats a truncated or invalid header after the first member as a normal end of archive, which would silently drop the
+    rest of a shard; this check turns that case into a counted `corrupt_tar`. Compressed tars are trusted as tarfile reads them.
+    """
+    f.seek(0)
+    if f.read(2) == b"\x1f\x8b":
+        return True
+    f.seek(offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    return len(block) == tarfile.BLOCKSIZE and not any(block)
+
+
 def iter_shard_members(shard: str, counter: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield `(key, members)` of one shard in file order. A corrupt or truncated tar yields what it can and counts the rest."""
+    """Yield `(key, members)` of one shard in file order, raw (nothing decoded).
+
+    A corrupt or truncated tar yields the complete samples before the damage and counts one `corrupt_tar` skip for the sample
+    being read when it broke (its members cannot be trusted). Unsafe member names raise `UnsafeTarMember`.
+    """
     if not Path(shard).exists():
         raise FileNotFoundError(f"shard not found: {shard}")
     key: str | None = None
     members: dict[str, bytes] = {}
-    try:
-        with open(shard, "rb") as f:
-            for entry in wds.tariterators.tar_file_iterator(f, handler=wds.reraise_exception):
-                name = entry["fname"]
-                if not is_safe_member(name):
-                    raise UnsafeTarMember(shard, name)
-                base, _, ext = Path(name).name.partition(".")
-                prefix = str(Path(name).parent / base) if Path(name).parent != Path(".") else base
-                if prefix != key:
-                    if key is not None:
-                        yield key, members
-                    key, members = prefix, {}
-                members[ext] = entry["data"]
-    except UnsafeTarMember:
-        raise
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        # The last, possibly incomplete, sample is dropped: its members cannot be trusted.
-        counter.seen += 1
-        counter.skip("corrupt_tar", shard, f"{type(e).__name__}: {e}")
-        return
+    with open(shard, "rb") as f:
+        try:
+            with tarfile.open(fileobj=f, mode="r|*") as tar:
+                for info in tar:
+                    name = info.name
+                    if not is_safe_member(name):
+                        raise UnsafeTarMember(shard, name)
+                    if not info.isreg() or _META_MEMBER.match(Path(name).name):
+                        continue
+                    base, _, ext = Path(name).name.partition(".")
+                    prefix = str(Path(name).parent / base) if Path(name).parent != Path(".") else base
+                    if prefix != key:  # a new key's header proves the previous sample complete: hand it out first
+                        if key is not None:
+                            yield key, members
+                        key, members = prefix, {}
+                    members[ext] = tar.extractfile(info).read()
+                    tar.members = []  # stream mode keeps every TarInfo otherwise
+                if not _clean_end(f, tar.offset):
+                    raise tarfile.ReadError(f"archive ends in a truncated or invalid header at byte {tar.offset}")
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+            counter.seen += 1
+            counter.skip("corrupt_tar", shard, f"{type(e).__name__}: {e}")
+            return
     if key is not None:
         yield key, members
 
 
-def iter_samples(
-    shards: list[str], kind: SampleKind | str, counter: SkipCounter | None = None
-) -> Iterator[Sample]:
+def iter_samples(shards: list[str], kind: SampleKind | str, counter: SkipCounter | None = None) -> Iterator[Sample]:
     """Decoded, validated samples from `shards` in order; bad ones are skipped and counted in `counter`."""
     counter = counter if counter is not None else SkipCounter()
     for shard in shards:
