@@ -1,0 +1,92 @@
+"""VQA answer normalisation and scoring per question type; k-shot prompt construction."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from visprior.data.formats import ConversationSample
+from visprior.data.shards import write_shards
+from visprior.eval import vqa
+from visprior.eval.fewshot import build_fewshot_prompt, evaluate_fewshot
+from visprior.eval.generate import OptionScore
+from visprior.eval.results import DatasetInfo
+from visprior.eval.vqa import VQAItem, evaluate_vqa, exact_match, load_vqa, normalize_answer
+
+
+@pytest.mark.parametrize(
+    "raw,norm",
+    [("Two.", "2"), ("The red cube", "red cube"), ("isnt", "isn't"), ("yes!", "yes"), ("a   Ball ", "ball"),
+     ("1,000", "1000"), ("3.5", "3.5"), ("left-side", "left side"), ("none", "0")],
+)  # fmt: skip
+def test_normalize_answer(raw, norm):
+    assert normalize_answer(raw) == norm
+
+
+def test_exact_match_uses_normalisation():
+    assert exact_match("Three", ["3"]) and exact_match("the cube.", ["cube"]) and not exact_match("cubes", ["cube"])
+
+
+def _img(i: int) -> Image.Image:
+    return Image.new("RGB", (8, 8), (i * 20 % 256, 0, 0))
+
+
+def _write_vqa(path) -> None:
+    samples = []
+    for i in range(6):
+        meta = {"question_type": "count", "answer": str(i % 3)} if i < 3 else {
+            "question_type": "colour", "answer": "red", "choices": ["blue", "red"]}  # fmt: skip
+        conv = [{"from": "human", "value": f"<image>\nQ{i}?"}, {"from": "gpt", "value": meta["answer"]}]
+        samples.append(ConversationSample(f"q{i}", conv, [_img(i)], meta))
+    write_shards(samples, path, name="vqa", kind="conversation")
+
+
+def test_vqa_per_type_exact(tmp_path, monkeypatch):
+    _write_vqa(tmp_path / "vqa")
+    items = load_vqa(tmp_path / "vqa")
+    assert [it.question_type for it in items] == ["count"] * 3 + ["colour"] * 3 and items[3].choices == ["blue", "red"]
+    # open: answers "zero" (right only for q0, via number normalisation); choices: always prefers "red" (all right)
+    monkeypatch.setattr(vqa, "generate", lambda m, p, i, **kw: ["Zero." for _ in p])
+    monkeypatch.setattr(
+        vqa, "score_options", lambda m, p, o, i, **kw: [[OptionScore(-2, -2, 1), OptionScore(-1, -1, 1)] for _ in p]
+    )
+    res = evaluate_vqa(None, items, dataset=DatasetInfo.of("vqa", tmp_path / "vqa", len(items)))
+    m = {k: v.value for k, v in res.metrics.items()}
+    assert m["type/count"] == pytest.approx(1 / 3) and m["type/colour"] == 1.0
+    assert m["open"] == pytest.approx(1 / 3) and m["mc"] == 1.0 and m["all"] == pytest.approx(4 / 6)
+
+
+def _support(n: int) -> list[VQAItem]:
+    return [VQAItem(f"s{i}", _img(i), f"<image>\nWhat is {i}?", str(i), "t") for i in range(n)]
+
+
+@pytest.mark.parametrize("k", [0, 4, 8])
+def test_kshot_prompt_has_k_support_images_in_order_never_the_query(k):
+    support = _support(12)
+    query = support[5]
+    p = build_fewshot_prompt(query, support, k, seed=0)
+    assert len(p.images) == k + 1 and p.text.count("<image>") == k + 1
+    assert "s5" not in p.support_keys and len(set(p.support_keys)) == k
+    idx = [int(key[1:]) for key in p.support_keys]
+    assert p.images[:k] == [support[i].image for i in idx] and p.images[-1] is query.image
+    positions = [p.text.index(f"What is {i}?\nAnswer: {i}\n\n") for i in idx]
+    assert positions == sorted(positions)
+    assert p.text.endswith("<image>\nQuestion: What is 5?\nAnswer:") and p.text.count("What is 5?") == 1
+    assert build_fewshot_prompt(query, support, k, seed=0) == p
+
+
+def test_kshot_shots_depend_on_seed_and_query_only():
+    support = _support(12)
+    a = build_fewshot_prompt(support[0], support, 4, seed=0).support_keys
+    assert a == build_fewshot_prompt(support[0], list(support), 4, seed=0).support_keys
+    assert a != build_fewshot_prompt(support[0], support, 4, seed=1).support_keys
+    with pytest.raises(ValueError):
+        build_fewshot_prompt(support[0], support[:4], 4)
+
+
+def test_fewshot_runs_on_a_tiny_vlm():
+    from visprior.eval.toymodels import TinyVLM
+
+    support = _support(10)
+    res = evaluate_fewshot(TinyVLM(), support[:2], support, dataset=DatasetInfo("s", "-", 2, ""), max_new_tokens=2)
+    assert set(res.metrics) == {"0-shot", "4-shot", "8-shot"} and all(m.n == 2 for m in res.metrics.values())
