@@ -1,0 +1,31 @@
+"""Models: causal LMs, vision towers, connectors and the VisionLanguageModel, all plain `nn.Module`s (no Lightning)."""
+
+from visprior.models.connectors import CONNECTORS, ConnectorSpec, build_connector
+from visprior.models.language import LanguageModelSpec, build_language_model, causal_lm_loss
+from visprior.models.vision import VisionTower, VisionTowerSpec, build_vision_tower
+from visprior.models.vlm import (
+    VisionLanguageModel,
+    VLMOutput,
+    VLMSpec,
+    build_vlm,
+    set_trainable,
+    trainable_parameter_table,
+)
+
+__all__ = [
+    "CONNECTORS",
+    "ConnectorSpec",
+    "LanguageModelSpec",
+    "VLMOutput",
+    "VLMSpec",
+    "VisionLanguageModel",
+    "VisionTower",
+    "VisionTowerSpec",
+    "build_connector",
+    "build_language_model",
+    "build_vision_tower",
+    "build_vlm",
+    "causal_lm_loss",
+    "set_trainable",
+    "trainable_parameter_table",
+]
