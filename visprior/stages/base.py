@@ -1,0 +1,255 @@
+"""What every training stage shares: which components train (and at which learning rate), the optimizer and schedule,
+weights-only initialisation from earlier stages, and throughput / MFU logging.
+
+A stage holds `self.model`, an `nn.Module` whose named children are the components (`vision_tower`, `connector`,
+`language_model`, ...). `trainable: {connector: 1e-3, language_model: 2e-5}` is the whole freezing policy: listed components
+train at their learning rate, everything else gets `requires_grad=False` and stays in eval mode (dropout off, norms fixed)
+even when Lightning calls `train()`. Subclasses build the model and implement `compute_loss(batch) -> StepOutput`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from visprior.stages.init_from import InitFrom, apply_init_from
+
+
+@dataclass
+class StepOutput:
+    """What a stage's `compute_loss` hands back to the shared training step."""
+
+    loss: torch.Tensor
+    tokens: int = 0
+    """Non-padding tokens the step processed (for tokens/s and MFU)."""
+    supervised: int = 0
+    """Tokens that carried a loss."""
+    samples: int = 0
+    """Documents / pairs / conversations in the batch."""
+    images: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def component_of(name: str, components: list[str]) -> str | None:
+    """The listed component a parameter name belongs to (longest dotted prefix wins), or None."""
+    best = None
+    for comp in components:
+        if (name == comp or name.startswith(comp + ".")) and (best is None or len(comp) > len(best)):
+            best = comp
+    return best
+
+
+def schedule_factor(step: int, warmup_steps: int, decay_steps: int | None, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine down to `min_lr_ratio` at `decay_steps` (constant after warmup if None)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if not decay_steps or decay_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (decay_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class Stage(pl.LightningModule):
+    """Base of all stages: freezing by component, AdamW with per-component groups, warmup + cosine, MFU logging."""
+
+    model: nn.Module
+
+    def __init__(
+        self,
+        trainable: dict[str, float],
+        init_from: list[InitFrom] | None = None,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 0,
+        decay_steps: int | None = None,
+        min_lr_ratio: float = 0.1,
+        grad_clip: float | None = 1.0,
+        peak_flops: float | None = None,
+        activation_checkpointing: bool = False,
+        fsdp_param_dtype: str = "bfloat16",
+        fsdp_reduce_dtype: str = "float32",
+    ):
+        """
+        Args:
+            trainable: component -> learning rate; components not listed are frozen and kept in eval mode.
+            init_from: weights-only initialisation of named components from a `.ckpt`, safetensors file or HF folder
+                (not resuming: use `ckpt_path` for that).
+            weight_decay: AdamW decay for matrices; biases and norm weights (1-D parameters) never decay.
+            betas: AdamW betas.
+            warmup_steps: linear warmup steps.
+            decay_steps: end of the cosine decay; None means `trainer.max_steps` (never `estimated_stepping_batches`,
+                which would consume the loader before its state is restored).
+            min_lr_ratio: learning rate at the end of the cosine, as a fraction of the peak.
+            grad_clip: max global gradient norm (None: no clipping); also applied under FSDP2, where Lightning's own is refused.
+            peak_flops: the hardware's peak FLOP/s for MFU (e.g. 989e12 for an H100 bf16 dense); None: MFU not logged.
+            activation_checkpointing: recompute each transformer block in backward (applied by `configure_model`).
+            fsdp_param_dtype: FSDP2 compute dtype of parameters (only under `ModelParallelStrategy`).
+            fsdp_reduce_dtype: FSDP2 dtype of gradient reduction.
+        """
+        super().__init__()
+        self.trainable = dict(trainable)
+        self.init_from = list(init_from or [])
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.warmup_steps = warmup_steps
+        self.decay_steps = decay_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.grad_clip = grad_clip
+        self.peak_flops = peak_flops
+        self.activation_checkpointing = activation_checkpointing
+        self.fsdp_param_dtype = fsdp_param_dtype
+        self.fsdp_reduce_dtype = fsdp_reduce_dtype
+        self._initialised = False
+        self._configured = False
+        self._last_time: float | None = None
+        self._supervised_total = 0
+
+    # ------------------------------------------------------------------------------------------------ components
+
+    def components(self) -> dict[str, nn.Module]:
+        return dict(self.model.named_children())
+
+    def apply_freezing(self) -> None:
+        """requires_grad from `trainable`; an unknown component name is an error naming the known ones."""
+        names = [f"model.{n}" for n, _ in self.model.named_modules() if n]
+        for comp in self.trainable:
+            if f"model.{comp}" not in names:
+                raise ValueError(f"trainable: unknown component {comp!r}; known: {sorted(self.components())}")
+        self.model.requires_grad_(False)
+        for comp in self.trainable:
+            # the module's own requires_grad_ (a vision tower keeps its unused layers frozen: DDP needs that)
+            self.model.get_submodule(comp).requires_grad_(True)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Top-level components without any trainable parameter (kept in eval mode)."""
+        return [m for m in self.components().values() if not any(p.requires_grad for p in m.parameters())]
+
+    def train(self, mode: bool = True) -> Stage:
+        super().train(mode)
+        if mode and hasattr(self, "model"):
+            for m in self.frozen_modules():
+                m.eval()
+        return self
+
+    def parameter_table(self) -> list[tuple[str, int, int]]:
+        """(component, trainable, frozen) parameter counts per top-level component."""
+        rows = []
+        for name, module in self.components().items():
+            trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+            frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+            rows.append((name, trainable, frozen))
+        return rows
+
+    def log_parameter_table(self) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{type(self).__name__}: parameters per component")
+        for col in ("component", "trainable", "frozen", "lr", "mode"):
+            table.add_column(col, justify="left" if col in ("component", "mode") else "right")
+        for name, trainable, frozen in self.parameter_table():
+            lr = self.trainable.get(name)
+            mode = "train" if getattr(self.model, name).training else "eval"
+            table.add_row(name, f"{trainable:,}", f"{frozen:,}", "-" if lr is None else f"{lr:g}", mode)
+        Console().print(table)
+
+    # ------------------------------------------------------------------------------------------------ set-up
+
+    def initialise(self) -> None:
+        """Weights-only init and freezing, once, before any sharding or checkpoint restore."""
+        if self._initialised:
+            return
+        apply_init_from(self.model, self.init_from)
+        self.apply_freezing()
+        self._initialised = True
+
+    def configure_model(self) -> None:
+        self.initialise()
+        if self._configured:
+            return
+        self._configured = True
+        from visprior.stages.parallelize import parallelize
+
+        mesh = self.device_mesh if self._trainer is not None else None
+        parallelize(self.model, mesh, self.activation_checkpointing, self.fsdp_param_dtype, self.fsdp_reduce_dtype)
+
+    def on_fit_start(self) -> None:
+        self.train()
+        if self.trainer.is_global_zero:
+            self.log_parameter_table()
+
+    def on_train_epoch_start(self) -> None:
+        for m in self.frozen_modules():
+            m.eval()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = []
+        listed = list(self.trainable)
+        for comp, lr in self.trainable.items():
+            decay, no_decay = [], []
+            for name, p in self.model.named_parameters():
+                if p.requires_grad and component_of(name, listed) == comp:
+                    (decay if p.ndim >= 2 else no_decay).append(p)
+            for params, wd, suffix in ((decay, self.weight_decay, ""), (no_decay, 0.0, "/no_decay")):
+                if params:
+                    groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": comp + suffix})
+        if not groups:
+            raise ValueError("trainable lists no component with parameters: nothing would train")
+        optimizer = torch.optim.AdamW(groups, betas=self.betas, foreach=True)
+        decay_steps = self.decay_steps
+        if decay_steps is None and self.trainer is not None and self.trainer.max_steps > 0:
+            decay_steps = self.trainer.max_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: schedule_factor(s, self.warmup_steps, decay_steps, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm with torch directly, so it works under FSDP2 (DTensor parameters) as well."""
+        clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
+        if clip:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+
+    # ------------------------------------------------------------------------------------------------ steps
+
+    def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
+        raise NotImplementedError
+
+    def flops_per_token(self, batch: dict[str, Any]) -> float:
+        """Model FLOPs per processed token (forward + backward); stages refine this. 0: MFU not logged."""
+        return 0.0
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.compute_loss(batch)
+        self._supervised_total += out.supervised
+        bs = max(out.samples, 1)
+        self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/supervised_tokens", float(self._supervised_total), batch_size=bs)
+        for k, v in out.metrics.items():
+            self.log(f"train/{k}", v, batch_size=bs)
+        now = time.perf_counter()
+        if self._last_time is not None:
+            dt = max(now - self._last_time, 1e-9)
+            world = self.trainer.world_size if self._trainer is not None else 1
+            self.log("train/tokens_per_s", out.tokens * world / dt, batch_size=bs)
+            self.log("train/samples_per_s", out.samples * world / dt, batch_size=bs)
+            fpt = self.flops_per_token(batch)
+            if self.peak_flops and fpt:
+                self.log("train/mfu", fpt * out.tokens / dt / self.peak_flops, batch_size=bs)
+        self._last_time = now
+        return out.loss
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["visprior"] = {"supervised_tokens": self._supervised_total}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._supervised_total = checkpoint.get("visprior", {}).get("supervised_tokens", 0)
+        self._initialised = True  # weights come from the checkpoint: init_from must not overwrite them
+        self.apply_freezing()

@@ -1,0 +1,131 @@
+"""Stages that train the VisionLanguageModel with next-token loss: alignment / pre-training and instruction tuning.
+
+They differ only in data and in which components train, so they share one step. `VisionLanguagePretraining` takes any
+weighted mixture of pairs, interleaved documents and text (MM1's 45:45:10 is a weight vector in the data module) and by
+default trains the connector only (LLaVA's alignment); `InstructionTuning` trains on LLaVA-schema conversations, optionally
+re-blended with text-only conversations (VILA), and by default trains the connector and the LM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from visprior.models.vlm import VisionLanguageModel, VLMSpec, build_vlm
+from visprior.stages.base import Stage, StepOutput
+from visprior.stages.flops import flops_factor, transformer_flops_per_token
+
+
+def batch_counts(batch: dict[str, Any]) -> tuple[int, int]:
+    """(non-padding tokens, documents) of a batch."""
+    docs = batch["document_ids"]
+    return int((docs >= 0).sum()), int((docs.max(dim=1).values + 1).clamp(min=0).sum())
+
+
+class VLMStage(Stage):
+    """Next-token loss on any batch of the contract (packed or padded, with or without images)."""
+
+    model: VisionLanguageModel
+
+    def __init__(self, vlm: VLMSpec, **stage_args: Any):
+        """
+        Args:
+            vlm: the model: language model, vision tower (None for text only) and connector.
+            stage_args: the shared options of `Stage` (trainable, init_from, warmup_steps, peak_flops, ...).
+        """
+        super().__init__(**stage_args)
+        self.save_hyperparameters()
+        self.model = build_vlm(vlm)
+        self.tokenizer = self.model.tokenizer
+        self.image_transform = self.model.image_transform
+        self.num_image_tokens = self.model.num_image_tokens
+        self.apply_freezing()
+
+    def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
+        out = self.model(
+            input_ids=batch["input_ids"],
+            labels=batch["labels"],
+            position_ids=batch["position_ids"],
+            document_ids=batch["document_ids"],
+            pixel_values=batch.get("pixel_values"),
+        )
+        tokens, docs = batch_counts(batch)
+        pixels = batch.get("pixel_values")
+        images = 0 if pixels is None else int(pixels.shape[0])
+        loss = out.loss if pixels is not None else out.loss + self.unused_vision_term()
+        return StepOutput(loss=loss, tokens=tokens, supervised=int(out.num_supervised), samples=docs, images=images)
+
+    def unused_vision_term(self) -> torch.Tensor | float:
+        """0 times the trainable vision-side parameters, for a batch without images (text rows of a mixture).
+
+        Without it a text-only batch gives the tower/connector no gradient: autograd fails when they are all that trains,
+        and DDP waits forever for gradients another rank does produce.
+        """
+        params = [
+            p
+            for name in ("vision_tower", "connector")
+            if getattr(self.model, name, None) is not None
+            for p in getattr(self.model, name).parameters()
+            if p.requires_grad
+        ]
+        return 0.0 * sum(p.sum() for p in params) if params else 0.0
+
+    def flops_per_token(self, batch: dict[str, Any]) -> float:
+        """Vision tower per image + connector per image + LM per token (see `flops.py`), over the batch's tokens."""
+        m, trains = self.model, set(self.trainable)
+        rows, seq_len = batch["input_ids"].shape
+        tokens = max(int((batch["document_ids"] >= 0).sum()), 1)
+        total, upstream = 0.0, False
+        if m.vision_tower is not None and batch.get("pixel_values") is not None:
+            n_img = batch["pixel_values"].shape[0]
+            tower = m.vision_tower
+            f = flops_factor("vision_tower" in trains, False)
+            upstream = "vision_tower" in trains
+            total += (
+                n_img
+                * tower.num_patches
+                * transformer_flops_per_token(tower, tower.num_layers_used, tower.hidden_size, tower.num_patches, f)
+            )
+            f = flops_factor("connector" in trains, upstream)
+            upstream = upstream or "connector" in trains
+            total += n_img * tower.num_patches * transformer_flops_per_token(m.connector, 0, 0, 0, f)
+        cfg = m.language_model.config
+        f = flops_factor("language_model" in trains, upstream)
+        total += (
+            rows
+            * seq_len
+            * transformer_flops_per_token(m.language_model, cfg.num_hidden_layers, cfg.hidden_size, seq_len, f)
+        )
+        return total / tokens
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        out = self.compute_loss(batch)
+        self.log("val/loss", out.loss, batch_size=max(out.supervised, 1), sync_dist=True)
+
+
+class VisionLanguagePretraining(VLMStage):
+    """Alignment / multimodal pre-training on a weighted mixture of pairs, interleaved documents and text."""
+
+    def __init__(self, vlm: VLMSpec, trainable: dict[str, float] | None = None, **stage_args: Any):
+        """
+        Args:
+            vlm: the model to build.
+            trainable: component -> learning rate (default: the connector only at 1e-3, LLaVA's alignment stage).
+            stage_args: the shared options of `Stage`.
+        """
+        super().__init__(vlm, trainable=trainable if trainable is not None else {"connector": 1e-3}, **stage_args)
+
+
+class InstructionTuning(VLMStage):
+    """Instruction tuning on LLaVA-schema conversations (optionally re-blended with text-only ones in the data module)."""
+
+    def __init__(self, vlm: VLMSpec, trainable: dict[str, float] | None = None, **stage_args: Any):
+        """
+        Args:
+            vlm: the model to build.
+            trainable: component -> learning rate (default: connector 1e-3 and language model 2e-4).
+            stage_args: the shared options of `Stage`.
+        """
+        default = {"connector": 1e-3, "language_model": 2e-4}
+        super().__init__(vlm, trainable=trainable if trainable is not None else default, **stage_args)
