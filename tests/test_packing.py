@@ -166,3 +166,35 @@ def test_packed_loss_equals_loss_alone_in_llama(attn: str) -> None:
             ids, labels = torch.tensor([s.input_ids]), torch.tensor([s.labels])
             alone = _loss_per_document(model(input_ids=ids).logits, labels, torch.zeros_like(ids))[0]
             assert packed[s.key] == pytest.approx(alone, abs=1e-5)
+
+
+def test_toyworld_sft_packs_with_masked_images_and_prompts(toyworld_dir, tokenizer_dir) -> None:
+    """Real toy-world conversations, tokenized and packed: image and user positions unsupervised, little padding."""
+    from transformers import AutoTokenizer
+
+    from visprior.data.formats import ConversationSample
+    from visprior.data.shards import iter_samples, resolve_shards
+    from visprior.data.tokenize import SampleTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    st = SampleTokenizer(tok, lambda im: torch.zeros(3, 2, 2), num_image_tokens=4, max_length=256)
+    conversations = [s for _, s in zip(range(200), iter_samples(resolve_shards(toyworld_dir / "sft"), "conversation"))]
+    assert all(isinstance(s, ConversationSample) for s in conversations)
+    tokenized = [t for s in conversations for t in st(s)]
+    packer = Packer(256, tok.pad_token_id, buffer_size=32)
+    rows = [r for t in tokenized for r in packer.push(t)]
+    frac = padding_fraction(rows, 256)
+    print(
+        f"toy-world SFT: {len(tokenized)} conversations, mean {sum(len(t.input_ids) for t in tokenized) / len(tokenized):.0f} "
+        f"tokens, packed padding {frac:.4f}"
+    )
+    assert frac <= 0.05
+    batch = collate_rows(rows + packer.flush(), tok.pad_token_id)
+    labels, ids = batch["labels"], batch["input_ids"]
+    assert (labels[ids == st.image_id] == IGNORE_INDEX).all()
+    assert batch["pixel_values"].shape[0] * 4 == int((ids == st.image_id).sum())
+    by_key = {s.key: s for s in conversations}
+    for key, doc_ids, doc_labels in unpack(batch):
+        supervised = tok.decode([t for t, lab in zip(doc_ids, doc_labels) if lab != IGNORE_INDEX])
+        gpt = [t["value"] for t in by_key[key].conversations if t["from"] == "gpt"]
+        assert supervised == "".join(v + "<|im_end|>" for v in gpt)

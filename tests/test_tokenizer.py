@@ -106,3 +106,17 @@ def test_image_token_id_error_names_tokenizer(tmp_path: Path) -> None:
 def test_missing_text_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no text datasets"):
         train_tokenizer(tmp_path, tmp_path / "tok")
+
+
+def test_toyworld_tokenizer_round_trips_every_category(toyworld_dir: Path, tokenizer_dir: Path) -> None:
+    from visprior.data.shards import iter_samples, resolve_shards
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    assert image_token_id(tok) == 2 and len(tok) <= 2048
+    categories = sorted(p.name for p in (toyworld_dir / "text").iterdir())
+    assert len(categories) == 7
+    for category in categories:
+        sample = next(iter_samples(resolve_shards(toyworld_dir / "text" / category), "text"))
+        ids = tok.encode(sample.text)
+        assert tok.decode(ids) == sample.text
+        assert len(ids) < len(sample.text.encode()) / 2  # learned merges, not bytes
