@@ -78,7 +78,7 @@ def test_llava_json_converts_images_text_only_and_logs_missing(tmp_path: Path) -
     (tmp_path / "llava.json").write_text(json.dumps(records))
     out = tmp_path / "out"
     manifest = convert_llava_json(
-        str(tmp_path / "llava.json"), str(out), images=str(tmp_path / "img"), image_format="png"
+        str(tmp_path / "llava.json"), out=str(out), images=str(tmp_path / "img"), image_format="png"
     )
 
     assert manifest["converted"] == 2 and manifest["num_samples"] == 2
@@ -111,14 +111,13 @@ def test_llava_json_multi_image_refusals_and_unique_keys(tmp_path: Path) -> None
     ]
     (tmp_path / "mix.json").write_text(json.dumps(records))
     out = tmp_path / "out"
-    manifest = convert_llava_json(str(tmp_path / "mix.json"), str(out), images=str(img), image_format="png")
+    manifest = convert_llava_json(str(tmp_path / "mix.json"), out=str(out), images=str(img), image_format="png")
 
     assert manifest["skipped"] == {"unsafe_path": 2, "image_count_mismatch": 1, "bad_image": 1, "schema": 1}
     samples, _ = _read(out, "conversation")
     assert [s.key for s in samples] == ["m_1_x", "m_1_x-1"]  # dots and slashes sanitised, collision made unique
-    assert _same(samples[0].images[0], Image.open(img / "a.png")) and _same(
-        samples[0].images[1], Image.open(img / "b.png")
-    )
+    assert _same(samples[0].images[0], Image.open(img / "a.png"))
+    assert _same(samples[0].images[1], Image.open(img / "b.png"))
     assert samples[0].meta["id"] == "m.1/x"  # the original id is kept for tracing
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "mix-000000.tar", "skipped.jsonl"]
 
@@ -146,7 +145,7 @@ def test_obelics_parquet_with_image_bytes_keeps_order_and_drops_urls(tmp_path: P
     )
     pq.write_table(table, tmp_path / "train-00000-of-00001.parquet")
     out = tmp_path / "out"
-    manifest = convert_obelics(str(tmp_path / "*.parquet"), str(out), image_format="png")
+    manifest = convert_obelics(str(tmp_path / "*.parquet"), out=str(out), image_format="png")
 
     assert manifest["converted"] == 2 and manifest["skipped"] == {"empty_text": 1}
     assert manifest["dropped_images"] == {"url_not_local": 2}
@@ -154,9 +153,8 @@ def test_obelics_parquet_with_image_bytes_keeps_order_and_drops_urls(tmp_path: P
     assert counter.skipped == 0
     assert doc0.segments[0] == "Title" and _same(doc0.segments[1], blue)
     assert doc0.segments[2] == "After the image.\n\nSecond paragraph."
-    assert doc0.meta["general_metadata"] == {"url": "https://site/0"} and doc0.meta["image_metadata"] == [
-        {"src": "blue.png"}
-    ]
+    assert doc0.meta["general_metadata"] == {"url": "https://site/0"}
+    assert doc0.meta["image_metadata"] == [{"src": "blue.png"}]
     assert doc1.segments == ["Before\n\nafter"]
 
 
@@ -175,7 +173,7 @@ def test_obelics_jsonl_paths_relative_absolute_and_escaping(tmp_path: Path) -> N
     src = tmp_path / "obelics.jsonl"
     src.write_text(json.dumps(doc) + "\nnot json\n" + json.dumps({"images": [None], "texts": [None]}) + "\n")
     out = tmp_path / "out"
-    manifest = convert_obelics(str(src), str(out), images=str(img), image_format="png")
+    manifest = convert_obelics(str(src), out=str(out), images=str(img), image_format="png")
 
     assert manifest["skipped"] == {"bad_json": 1, "schema": 1}
     assert manifest["dropped_images"] == {"unsafe_path": 1}
@@ -183,7 +181,7 @@ def test_obelics_jsonl_paths_relative_absolute_and_escaping(tmp_path: Path) -> N
     assert [type(s).__name__ for s in sample.segments] == ["Image", "str", "Image", "str"]
     assert _same(sample.segments[0], green) and _same(sample.segments[2], grey) and sample.segments[3] == "end"
 
-    strict = convert_obelics(str(src), str(tmp_path / "strict"), images=str(img), allow_absolute_paths=False)
+    strict = convert_obelics(str(src), out=str(tmp_path / "strict"), images=str(img), allow_absolute_paths=False)
     assert strict["dropped_images"] == {"unsafe_path": 2}
 
 
@@ -212,7 +210,7 @@ def test_mmc4_places_each_image_before_its_matched_sentence(tmp_path: Path) -> N
     src = tmp_path / "docs_shard_0_v2.jsonl"
     src.write_text("".join(json.dumps(d) + "\n" for d in docs))
     out = tmp_path / "out"
-    manifest = convert_mmc4(str(src), str(out), images=str(img), image_format="png")
+    manifest = convert_mmc4(str(src), out=str(out), images=str(img), image_format="png")
 
     assert manifest["converted"] == 2 and manifest["skipped"] == {"schema": 1}
     assert manifest["dropped_images"] == {"missing_image": 1, "bad_index": 1, "unsafe_path": 1}
@@ -252,22 +250,20 @@ def test_img2dataset_index_points_at_originals_and_rewrite_copies(tmp_path: Path
     yellow = _image((230, 230, 0))
     _img2dataset_tar(tmp_path / "dl/00000.tar", yellow)
 
-    index = convert_img2dataset(str(tmp_path / "dl/*.tar"), str(tmp_path / "idx"))
+    index = convert_img2dataset(str(tmp_path / "dl/*.tar"), out=str(tmp_path / "idx"))
     assert index["mode"] == "index" and index["num_samples"] == 3 and index["skipped"] == {"missing_member": 1}
     assert not list((tmp_path / "idx").glob("*.tar"))
     samples, counter = _read(tmp_path / "idx", "pair")
-    assert [s.text for s in samples] == ["a yellow square", "again"] and counter.by_reason == {
-        "bad_image": 1,
-        "missing_member": 1,
-    }
+    assert [s.text for s in samples] == ["a yellow square", "again"]
+    assert counter.by_reason == {"bad_image": 1, "missing_member": 1}  # left in place, skipped by the reader
     assert samples[0].meta["status"] == "success"
 
-    validated = convert_img2dataset(str(tmp_path / "dl/00000.tar"), str(tmp_path / "dl"), validate=True)
+    validated = convert_img2dataset(str(tmp_path / "dl/00000.tar"), out=str(tmp_path / "dl"), validate=True)
     assert validated["num_samples"] == 2 and validated["shards"][0]["path"] == "00000.tar"  # relative: beside the tars
     assert validated["skipped"] == {"bad_image": 1, "missing_member": 1}
 
     rewrite = convert_img2dataset(
-        str(tmp_path / "dl/00000.tar"), str(tmp_path / "rw"), mode="rewrite", image_format="png"
+        str(tmp_path / "dl/00000.tar"), out=str(tmp_path / "rw"), mode="rewrite", image_format="png"
     )
     assert rewrite["num_samples"] == 2
     rewritten, counter = _read(tmp_path / "rw", "pair")
@@ -285,7 +281,7 @@ def test_text_jsonl_and_parquet_with_categories(tmp_path: Path) -> None:
         {"id": "none"},
     ]
     (tmp_path / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = convert_text(str(tmp_path / "corpus.jsonl"), str(tmp_path / "t1"))
+    out = convert_text(str(tmp_path / "corpus.jsonl"), out=str(tmp_path / "t1"))
     assert out["skipped"] == {"empty_text": 1, "schema": 1}
     samples, _ = _read(tmp_path / "t1", "text")
     assert [(s.key, s.text, s.meta["category"]) for s in samples] == [
@@ -295,7 +291,9 @@ def test_text_jsonl_and_parquet_with_categories(tmp_path: Path) -> None:
     assert samples[0].meta["source"] == "corpus"
 
     pq.write_table(pa.table({"text": ["alpha", "beta", ""]}), tmp_path / "wiki.parquet")
-    manifest = convert_text(str(tmp_path / "wiki.parquet"), str(tmp_path / "t2"), category="encyclopedia", maxcount=1)
+    manifest = convert_text(
+        str(tmp_path / "wiki.parquet"), out=str(tmp_path / "t2"), category="encyclopedia", maxcount=1
+    )
     assert len(manifest["shards"]) == 2 and manifest["skipped"] == {"empty_text": 1}
     samples, _ = _read(tmp_path / "t2", "text")
     assert [(s.text, s.meta) for s in samples] == [
@@ -310,11 +308,11 @@ def test_text_jsonl_and_parquet_with_categories(tmp_path: Path) -> None:
 def test_unsafe_names_and_clobbering_outputs_are_refused(tmp_path: Path) -> None:
     (tmp_path / "c.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match="dataset name"):
-        convert_text(str(tmp_path / "c.jsonl"), str(tmp_path / "out"), name="../../escape")
+        convert_text(str(tmp_path / "c.jsonl"), out=str(tmp_path / "out"), name="../../escape")
     assert not (tmp_path / "out").exists() and not list(tmp_path.parent.glob("escape*"))
     _img2dataset_tar(tmp_path / "dl/pairs-000000.tar", _image((1, 1, 1)))
     with pytest.raises(ValueError, match="overwrite the source"):
-        convert_img2dataset(str(tmp_path / "dl/pairs-000000.tar"), str(tmp_path / "dl"), mode="rewrite")
+        convert_img2dataset(str(tmp_path / "dl/pairs-000000.tar"), out=str(tmp_path / "dl"), mode="rewrite")
     assert (tmp_path / "dl/pairs-000000.tar").stat().st_size > 0
 
 
@@ -333,3 +331,21 @@ def test_every_converter_is_registered_with_typed_documented_arguments() -> None
         params = inspect.signature(fn).parameters
         assert {"src", "out", "maxcount"} <= set(params) and "Args:" in (fn.__doc__ or "")
         assert all(p.annotation is not inspect.Parameter.empty for p in params.values())
+
+
+def test_design_command_lines_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`visprior data convert <name> SRC --images DIR --out DIR`, as DESIGN.md writes it (jsonargparse, as_positional)."""
+    from jsonargparse import CLI
+
+    monkeypatch.chdir(tmp_path)
+    Path("c.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
+    Path("docs.jsonl").write_text(json.dumps({"text_list": ["Hi."], "image_info": []}) + "\n")
+    Path("images").mkdir()
+    text = CLI({"convert": CONVERT_COMMANDS}, args=["convert", "text", "c.jsonl", "--category", "web", "--out", "t"])
+    assert text["num_samples"] == 1 and read_manifest("t")["converter"] == "text"
+    mmc4 = CLI(
+        {"convert": CONVERT_COMMANDS}, args=["convert", "mmc4", "docs.jsonl", "--images", "images", "--out", "m"]
+    )
+    assert mmc4["num_samples"] == 1
+    with pytest.raises(SystemExit):
+        CLI({"convert": CONVERT_COMMANDS}, args=["convert", "mmc4", "docs.jsonl", "--out", "m"])  # --images is required

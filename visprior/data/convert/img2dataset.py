@@ -66,6 +66,7 @@ def _index(shards: list[str], root: Path, name: str, log: ConversionLog, validat
 
 def convert_img2dataset(
     src: str,
+    *,
     out: str,
     mode: Literal["index", "rewrite"] = "index",
     validate: bool = False,

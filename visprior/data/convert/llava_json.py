@@ -64,6 +64,7 @@ def _to_sample(record: Any, index: int, images: Path | None, keys: KeyMaker) -> 
 
 def convert_llava_json(
     src: str,
+    *,
     out: str,
     images: str | None = None,
     name: str | None = None,

@@ -76,6 +76,7 @@ def to_sample(doc: dict[str, Any], key: str, images: Path, log: ConversionLog, w
 
 def convert_mmc4(
     src: str,
+    *,
     out: str,
     images: str,
     name: str | None = None,

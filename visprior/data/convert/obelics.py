@@ -103,6 +103,7 @@ def _rows(path: Path, log: ConversionLog) -> Iterator[tuple[int, dict[str, Any]]
 
 def convert_obelics(
     src: str,
+    *,
     out: str,
     images: str | None = None,
     allow_absolute_paths: bool = True,

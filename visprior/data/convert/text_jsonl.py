@@ -27,6 +27,7 @@ UNCATEGORIZED = "uncategorized"
 
 def convert_text(
     src: str,
+    *,
     out: str,
     category: str | None = None,
     text_field: str = "text",
