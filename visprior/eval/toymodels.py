@@ -28,7 +28,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<pad>")
 
 
-def _to_tensor(image: Image.Image, size: int = 8) -> torch.Tensor:
+def tiny_image_transform(image: Image.Image, size: int = 8) -> torch.Tensor:
     img = image.convert("RGB").resize((size, size))
     return torch.tensor(list(img.getdata()), dtype=torch.float32).view(size, size, 3).permute(2, 0, 1) / 255.0
 
@@ -70,7 +70,7 @@ class TinyVLM(nn.Module):
         self.connector = nn.Identity()
         self.num_image_tokens = 4
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<image>")
-        self.image_transform = _to_tensor
+        self.image_transform = tiny_image_transform
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image features written over the image-token positions, in row-major order."""
