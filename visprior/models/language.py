@@ -112,6 +112,23 @@ def causal_lm_from_config(
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
 
 
+def load_causal_lm(spec: LanguageModelSpec) -> PreTrainedModel:
+    """The LM alone, for uses that need no tokenizer (LM4VE's frozen block); a `config` needs `vocab_size` then."""
+    if (spec.path is None) == (spec.config is None):
+        raise ValueError("LanguageModelSpec needs exactly one of `path` (local HF folder) or `config` (random init)")
+    if spec.config is not None:
+        return causal_lm_from_config(spec.config, spec.attn_implementation)
+    folder = local_folder(spec.path, "language model")
+    return AutoModelForCausalLM.from_pretrained(
+        folder,
+        local_files_only=True,
+        attn_implementation=spec.attn_implementation,
+        dtype=getattr(torch, spec.dtype),
+        **_remote_code_kwargs(spec.trust_remote_code),
+        **spec.extra,
+    )
+
+
 def build_language_model(spec: LanguageModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build the LM and its tokenizer; checks the tokenizer encodes `<image>` as one token."""
     if (spec.path is None) == (spec.config is None):
@@ -130,15 +147,7 @@ def build_language_model(spec: LanguageModelSpec) -> tuple[PreTrainedModel, PreT
         }
         model = causal_lm_from_config(spec.config, spec.attn_implementation, vocab_size=len(tokenizer), **special)
     else:
-        folder = local_folder(spec.path, "language model")
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            local_files_only=True,
-            attn_implementation=spec.attn_implementation,
-            dtype=getattr(torch, spec.dtype),
-            **_remote_code_kwargs(spec.trust_remote_code),
-            **spec.extra,
-        )
+        model = load_causal_lm(spec)
     if spec.add_image_token:
         add_image_token(model, tokenizer)
     image_token_id(tokenizer)
