@@ -349,3 +349,17 @@ def test_design_command_lines_parse(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert mmc4["num_samples"] == 1
     with pytest.raises(SystemExit):
         CLI({"convert": CONVERT_COMMANDS}, args=["convert", "mmc4", "docs.jsonl", "--out", "m"])  # --images is required
+
+
+def test_dataset_manifests_name_a_real_converter_command() -> None:
+    """Each data/manifests/*.yaml opens with the command that converts it, and names the fields recipes rely on."""
+    import yaml
+
+    files = sorted((Path(__file__).parents[1] / "data" / "manifests").glob("*.yaml"))
+    assert len(files) >= 6
+    for f in files:
+        first = f.read_text().splitlines()[0].split()
+        meta = yaml.safe_load(f.read_text())
+        assert {"name", "source", "license", "format", "kind", "converter", "expected", "notes"} <= set(meta), f.name
+        assert first[:4] == ["#", "visprior", "data", "convert"] and first[4] == meta["converter"], f.name
+        assert meta["converter"] in CONVERT_COMMANDS and "--out" in first, f.name
