@@ -179,3 +179,16 @@ def test_images_without_transform_is_config_error(tokenizer) -> None:
 def test_text_only_stage_needs_no_image_token(tokenizer) -> None:
     st = SampleTokenizer(tokenizer, None, 0, 8)
     assert st.image_id is None and all(len(c.input_ids) <= 8 for c in st(TextSample("t", "red " * 30)))
+
+
+def test_tokenizer_without_chat_tokens_does_text_only(tmp_path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(pre_tokenizers.ByteLevel.alphabet())}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    plain = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+    st = SampleTokenizer(plain, None, 0, 64)
+    assert st(TextSample("t", "red"))[0].input_ids[-1] == plain.eos_token_id
+    with pytest.raises(ValueError, match="lacks the chat tokens"):
+        st(ConversationSample("c", [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]))

@@ -94,7 +94,9 @@ class SampleTokenizer:
         self.source = source
         self.eos_id = tokenizer.eos_token_id
         self.image_id = image_token_id(tokenizer) if num_image_tokens > 0 else None
-        self._turn_start = self._special_id(self.chat.start)
+        self._turn_start = self._special_id(
+            self.chat.start
+        )  # None: this tokenizer cannot do chat (text stages are fine)
         self._turn_end = self._special_id(self.chat.end)
         if getattr(tokenizer, "backend_tokenizer", None) is None:
             raise TypeError(f"tokenizer {tokenizer.name_or_path!r} is not a fast (tokenizers-backed) tokenizer")
@@ -102,13 +104,9 @@ class SampleTokenizer:
         self._plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self._plain.encode_special_tokens = True
 
-    def _special_id(self, token: str) -> int:
+    def _special_id(self, token: str) -> int | None:
         ids = self.tokenizer.encode(token, add_special_tokens=False)
-        if len(ids) != 1:
-            raise ValueError(
-                f"tokenizer {self.tokenizer.name_or_path!r} lacks the chat token {token!r} as one special token"
-            )
-        return ids[0]
+        return ids[0] if len(ids) == 1 else None
 
     def encode_text(self, text: str) -> list[int]:
         """Ids of `text` with special-token strings taken literally."""
@@ -148,6 +146,11 @@ class SampleTokenizer:
 
     def _conversation(self, sample: ConversationSample) -> TokenizedSample:
         chat, b = self.chat, _Builder()
+        if self._turn_start is None or self._turn_end is None:
+            raise ValueError(
+                f"tokenizer {self.tokenizer.name_or_path!r} lacks the chat tokens {chat.start!r} / {chat.end!r} as single "
+                "special tokens: add them, or pass a ChatFormat whose start/end it has"
+            )
         sep = self.encode_text(chat.separator)
         marks = 0
         for turn in sample.conversations:
