@@ -295,6 +295,12 @@ def test_text_jsonl_and_parquet_with_categories(tmp_path: Path) -> None:
         str(tmp_path / "wiki.parquet"), out=str(tmp_path / "t2"), category="encyclopedia", maxcount=1
     )
     assert len(manifest["shards"]) == 2 and manifest["skipped"] == {"empty_text": 1}
+    nothing = convert_text(str(tmp_path / "corpus.jsonl"), out=str(tmp_path / "t3"), text_field="missing")
+    assert nothing["num_samples"] == 0 and nothing["skipped"] == {"schema": 4}
+    assert sorted(p.name for p in (tmp_path / "t3").iterdir()) == [
+        "manifest.json",
+        "skipped.jsonl",
+    ]  # no empty tar left
     samples, _ = _read(tmp_path / "t2", "text")
     assert [(s.text, s.meta) for s in samples] == [
         ("alpha", {"category": "encyclopedia", "source": "wiki"}),

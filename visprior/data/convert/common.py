@@ -63,8 +63,17 @@ def prepare_out(out: str | os.PathLike, name: str, sources: list[Path]) -> Path:
 
 
 def finish_manifest(root: Path, manifest: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """Add the conversion report to the manifest written by `write_shards` (same file format) and return it."""
+    """Add the conversion report to the manifest written by `write_shards` (same file format) and return it.
+
+    `ShardWriter` opens its first tar before any sample arrives, so a conversion that kept nothing leaves an empty shard the
+    manifest does not list: such unlisted `{name}-*.tar` files (ours by name, see `prepare_out`) are removed.
+    """
     manifest = {**manifest, **extra}
+    if manifest.get("mode") != "index":
+        listed = {s["path"] for s in manifest["shards"]}
+        for tar in root.glob(f"{manifest['name']}-*.tar"):
+            if tar.name not in listed:
+                tar.unlink()
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
