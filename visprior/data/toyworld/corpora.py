@@ -31,45 +31,76 @@ from visprior.data.toyworld.world import (
 CATEGORIES: tuple[str, ...] = ("web", "encyclopedia", "literature", "visual", "math", "code", "academia")
 
 
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
 def _num(n: int) -> str:
     return NUMBER_WORDS[n] if 0 < n < len(NUMBER_WORDS) else str(n)
 
 
+def _shape_facts(s: str) -> list[str]:
+    facts = [
+        f"A {s} {FEATURES[s]}.",
+        f"A {s} has {_num(CORNERS[s]) if CORNERS[s] else 'no'} corners.",
+        f"Small {PLURALS[s]} are hard to recognise in low-resolution pictures, while large ones are easy to see.",
+    ]
+    for o in SHAPES:
+        d = CORNERS[s] - CORNERS[o]
+        if o != s:
+            word = "corner" if abs(d) == 1 else "corners"
+            rel = f"{_num(abs(d))} more {word} than" if d > 0 else f"{_num(-d)} fewer {word} than"
+            rel = rel if d else "as many corners as"
+            facts.append(f"A {s} has {rel} a {o}; a {o} {FEATURES[o]}.")
+    for c in sorted(COLOURS):
+        facts.append(f"{PLURALS[s].capitalize()} can be {c}; {_a(SHADES[c][0])} {SHADES[c][0]} {s} is {_a(c)} {c} {s}.")
+    for size, (lo, hi) in SIZES.items():
+        facts.append(
+            f"{_a(size).capitalize()} {size} {s} spans about {round(100 * (lo + hi))} percent of the width of a picture."
+        )
+    return facts
+
+
+def _colour_facts(c: str) -> list[str]:
+    facts = [f"{shade.capitalize()} is a shade of {c}." for shade in SHADES[c]]
+    facts.append(f"Shades of {c} include {', '.join(SHADES[c][:-1])} and {SHADES[c][-1]}.")
+    facts += [f"Mixing {a} and {b} gives {c}." for (a, b), m in sorted(MIXES.items()) if m == c]
+    facts += [f"Mixing {c} and {b} gives {m}." for (a, b), m in sorted(MIXES.items()) if a == c]
+    facts.append(f"{c.capitalize()} is one of the {_num(len(COLOURS))} colours that shapes of the toy world can have.")
+    for bg in sorted(BACKGROUND_COLOURS):
+        facts.append(f"{_a(c).capitalize()} {c} shape stands out clearly on {_a(bg)} {bg} background.")
+    return facts
+
+
+WORLD_FACTS = (
+    f"Every picture of the toy world shows one or more shapes: {', '.join(SHAPES[:-1])} and {SHAPES[-1]}.",
+    f"Shapes of the toy world are coloured {', '.join(sorted(COLOURS))}.",
+    f"Sizes are called {', '.join(SIZES)}; a large shape is about three times as wide as a small one.",
+    f"Backgrounds are light: {', '.join(sorted(BACKGROUND_COLOURS))}, plain, striped, speckled or in gradients.",
+    "Positions are named by a three by three grid: top left, top, top right, left, center, right, bottom left, bottom "
+    "and bottom right.",
+    "Shapes in a picture do not overlap, so each one can be counted.",
+)
+
+
 def encyclopedia(rng: random.Random) -> str:
-    t = rng.randrange(3)
-    if t == 0:
+    """An article: a title, a lead fact, then a few facts drawn from the topic's fact bank in random order."""
+    t = rng.randrange(5)
+    if t < 2:
         s = rng.choice(SHAPES)
-        similar = rng.choice([x for x in SHAPES if x != s])
-        lines = [
-            f"{s.capitalize()}.",
-            f"The {s} is one of the {_num(len(SHAPES))} shapes of the toy world. A {s} {FEATURES[s]}.",
-            f"A {s} has {_num(CORNERS[s]) if CORNERS[s] else 'no'} corners.",
-            f"Pictures often show a {s} next to a {similar}; the two are easy to tell apart because a {similar} "
-            f"{FEATURES[similar]}.",
-            f"Small {PLURALS[s]} are hard to recognise in low-resolution pictures, while large ones are easy to see.",
-        ]
-    elif t == 1:
+        title, lead = s.capitalize(), f"The {s} is one of the {_num(len(SHAPES))} shapes of the toy world."
+        facts = _shape_facts(s)
+    elif t < 4:
         c = rng.choice(sorted(COLOURS))
-        shades = SHADES[c]
-        made = [f"{a} and {b}" for (a, b), m in sorted(MIXES.items()) if m == c]
-        lines = [
-            f"{c.capitalize()} (colour).",
-            f"{c.capitalize()} is one of the {_num(len(COLOURS))} colours that shapes of the toy world can have.",
-            f"Shades of {c} include {shades[0]}, {shades[1]} and {shades[2]}.",
-            (f"Mixing {made[0]} gives {c}." if made else f"{c.capitalize()} is not made by mixing two common colours."),
-            f"A {c} shape stands out clearly on a light background such as {rng.choice(sorted(BACKGROUND_COLOURS))}.",
-        ]
+        title, lead = f"{c.capitalize()} (colour)", f"{c.capitalize()} is a colour of the toy world."
+        facts = _colour_facts(c)
     else:
-        lines = [
-            "The toy world.",
-            f"Every picture of the toy world shows one or more shapes: {', '.join(SHAPES[:-1])} and {SHAPES[-1]}.",
-            f"Shapes are coloured {', '.join(sorted(COLOURS))}.",
-            f"Sizes are called {', '.join(SIZES)}; a large shape is about three times as wide as a small one.",
-            f"Backgrounds are light: {', '.join(sorted(BACKGROUND_COLOURS))}, plain, striped, speckled or in gradients.",
-            "Positions are named by a three by three grid: top left, top, top right, left, center, right, "
-            "bottom left, bottom and bottom right.",
-        ]
-    return " ".join(lines)
+        title, lead = "The toy world", "The toy world is a world of simple coloured shapes."
+        facts = (
+            list(WORLD_FACTS) + _shape_facts(rng.choice(SHAPES))[:3] + _colour_facts(rng.choice(sorted(COLOURS)))[:3]
+        )
+    body = rng.sample(facts, min(len(facts), rng.randint(3, 6)))
+    return " ".join([f"{title}.", lead, *body])
 
 
 def literature(rng: random.Random) -> str:
@@ -79,7 +110,7 @@ def literature(rng: random.Random) -> str:
     n = rng.randint(2, 6)
     mood = rng.choice(("happy", "curious", "worried", "proud", "sleepy"))
     lines = [
-        f"Once upon a time, {hero} found a {colour} {shape} {place}.",
+        f"Once upon a time, {hero} found {_a(colour)} {colour} {shape} {place}.",
         f'"Look," said {hero} to {friend}, "it {FEATURES[shape]}!"',
         f"{friend} was {mood} and wanted one too, so they searched all afternoon.",
         f"By evening they had found {_num(n)} more {PLURALS[shape]}, each a different shade of {colour}: "
@@ -89,7 +120,7 @@ def literature(rng: random.Random) -> str:
             (
                 f"That night {hero} dreamed of a sky full of {PLURALS[shape]}.",
                 f"{friend} laughed and promised to come back tomorrow.",
-                f"And that is why {hero} still keeps a {colour} {shape} on the windowsill.",
+                f"And that is why {hero} still keeps {_a(colour)} {colour} {shape} on the windowsill.",
             )
         ),
     ]
@@ -179,7 +210,7 @@ def _web_only(rng: random.Random) -> str:
             f"Zoom in if it is small; small shapes lose their corners at low resolution.\nThanks, that worked!"
         )
     return (
-        f"Top {_num(3)} {colour} things this week: 1. a {colour} {shape}; 2. {rng.choice(SHADES[colour])} paint; "
+        f"Top {_num(3)} {colour} things this week: 1. {_a(colour)} {colour} {shape}; 2. {rng.choice(SHADES[colour])} paint; "
         f"3. a poster of {PLURALS[rng.choice(SHAPES)]}. Posted by {user}. {rng.randint(2, 400)} likes."
     )
 

@@ -79,9 +79,9 @@ def sft_text(rng: random.Random, n: int) -> Iterator[ConversationSample]:
 
 def interleaved_docs(rng: random.Random, n: int, size: int) -> Iterator[InterleavedSample]:
     for i in range(n):
-        scenes, layout, family = interleaved.document(rng)
+        scenes, layout, meta = interleaved.document(rng)
         segments = layout([render(s, size).image for s in scenes])
-        yield InterleavedSample(f"doc-{i:07d}", segments, {"source": SOURCE, "family": family})
+        yield InterleavedSample(f"doc-{i:07d}", segments, {"source": SOURCE, **meta})
 
 
 def vqa_eval(rng: random.Random, n: int, size: int, max_objects: int) -> Iterator[ConversationSample]:
@@ -127,10 +127,21 @@ def shapes(rng: random.Random, n: int, size: int, split: str) -> Iterator[PairSa
         yield PairSample(f"shape-{split}-{i:07d}", r.image, f"a {obj.colour} {obj.shape}", meta)
 
 
-def text(rng: random.Random, category: str, n: int, split: str = "train") -> Iterator[TextSample]:
+def text(
+    rng: random.Random, category: str, n: int, split: str = "train", seen: set[str] | None = None, exclude: bool = False
+) -> Iterator[TextSample]:
+    """`n` documents of `category`. Train adds its texts to `seen`; held-out (`exclude=True`) redraws texts found there,
+    so perplexity is measured on documents the model has not read (after a bounded number of redraws, a repeat is kept)."""
     for i in range(n):
+        doc = corpora.document(category, rng)
+        for _ in range(50):
+            if not (exclude and seen is not None and doc in seen):
+                break
+            doc = corpora.document(category, rng)
+        if seen is not None and not exclude:
+            seen.add(doc)
         meta = {"category": category, "source": SOURCE, "split": split}
-        yield TextSample(f"{category}-{split}-{i:07d}", corpora.document(category, rng), meta)
+        yield TextSample(f"{category}-{split}-{i:07d}", doc, meta)
 
 
 def text_qa(rng: random.Random, n: int) -> Iterator[TextSample]:

@@ -128,7 +128,7 @@ def _existence(scene: Scene, rng: random.Random) -> VQAItem:
     if rng.random() < 0.4:
         colour = rng.choice(sorted({o.colour for o in scene.objects}) + sorted(COLOURS))
         q = {"shape": shape, "colour": colour}
-        text = f"Is there a {colour} {shape} in the image?"
+        text = f"Is there {'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape} in the image?"
     else:
         q, text = {"shape": shape}, f"Is there a {shape} in the image?"
     ans = "yes" if any(matches(o, q) for o in scene.objects) else "no"

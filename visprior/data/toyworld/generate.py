@@ -96,9 +96,9 @@ def generate(out_dir: str | Path, preset: str = "toy", seed: int = 0) -> dict[st
         ("eval/shapes/test", "pair", lambda r: ds.shapes(r, p.shapes_test, p.shape_image_size, "test")),
     ]
     for cat in CATEGORIES:
-        n = p.text_docs * (p.web_factor if cat == "web" else 1)
-        plan.append((f"text/{cat}", "text", lambda r, c=cat, n=n: ds.text(r, c, n, "train")))
-        plan.append((f"eval/text/{cat}", "text", lambda r, c=cat: ds.text(r, c, p.eval_text, "eval")))
+        n, seen = p.text_docs * (p.web_factor if cat == "web" else 1), set()
+        plan.append((f"text/{cat}", "text", lambda r, c=cat, n=n, s=seen: ds.text(r, c, n, "train", s)))
+        plan.append((f"eval/text/{cat}", "text", lambda r, c=cat, s=seen: ds.text(r, c, p.eval_text, "eval", s, True)))
 
     counts: dict[str, int] = {}
     seconds: dict[str, float] = {}

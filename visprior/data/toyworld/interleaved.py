@@ -79,11 +79,13 @@ def icl_episode(rng: random.Random, task: str, k: int) -> tuple[list[Scene], lis
     return scenes, qa, "Counting shapes in pictures."
 
 
-def icl_document(rng: random.Random) -> tuple[list[Scene], Callable[[list], list]]:
-    """Scenes and a function that lays images and text out in order (images are rendered by the caller)."""
+def icl_document(rng: random.Random) -> tuple[list[Scene], Callable[[list], list], dict]:
+    """Scenes, a function that lays images and text out in order (images are rendered by the caller), and meta naming
+    the task, its repeated prompt and the answers, so few-shot evaluation and tests can rebuild the pattern."""
     task = rng.choice(ICL_TASKS)
     scenes, qa, header = icl_episode(rng, task, rng.randint(3, 6))
     lead = rng.random() < 0.5
+    meta = {"family": "icl", "task": task, "prompt": qa[0][0], "answers": [a for _, a in qa]}
 
     def layout(images: list) -> list:
         segs: list = [header + "\n"] if lead else []
@@ -91,10 +93,10 @@ def icl_document(rng: random.Random) -> tuple[list[Scene], Callable[[list], list
             segs += ["Image: ", img, f" {prompt} {answer}.\n"]
         return segs
 
-    return scenes, layout
+    return scenes, layout, meta
 
 
-def album_document(rng: random.Random) -> tuple[list[Scene], Callable[[list], list]]:
+def album_document(rng: random.Random) -> tuple[list[Scene], Callable[[list], list], dict]:
     """A short album: prose that introduces, shows and comments on each picture, with cross-references between them."""
     scenes = [sample_scene(rng, max_objects=4) for _ in range(rng.randint(2, 4))]
     texts = [(short_caption(s, rng), detailed_caption(s, rng)) for s in scenes]
@@ -115,11 +117,9 @@ def album_document(rng: random.Random) -> tuple[list[Scene], Callable[[list], li
                 segs.append(f"It has {more} shapes than the previous picture ({cur} against {prev}).\n")
         return segs
 
-    return scenes, layout
+    return scenes, layout, {"family": "album"}
 
 
-def document(rng: random.Random, icl_share: float = 0.6) -> tuple[list[Scene], Callable[[list], list], str]:
-    """One interleaved document: scenes, a layout function, and its family name ("icl" or "album")."""
-    if rng.random() < icl_share:
-        return (*icl_document(rng), "icl")
-    return (*album_document(rng), "album")
+def document(rng: random.Random, icl_share: float = 0.6) -> tuple[list[Scene], Callable[[list], list], dict]:
+    """One interleaved document: scenes, a layout function, and meta (`family` is "icl" or "album")."""
+    return icl_document(rng) if rng.random() < icl_share else album_document(rng)

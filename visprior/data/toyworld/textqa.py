@@ -115,7 +115,7 @@ def knowledge_question(rng: random.Random) -> QA:
         s = rng.choice(SHAPES)
         ans, q, pool = s, f"Which shape {FEATURES[s]}?", list(SHAPES)
         sol = f"The {s} {FEATURES[s]}."
-    return QA(q, ans, sol, "knowledge", _choices(rng, ans, pool))
+    return QA(q, ans, f"{sol} The answer is {ans}.", "knowledge", _choices(rng, ans, pool))
 
 
 def text_question(rng: random.Random) -> QA:
