@@ -8,6 +8,7 @@ jsonargparse CLIs over typed functions, so their `--help` comes from the signatu
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ Training (LightningCLI; every key is a constructor argument; `--print_config` sh
 Our own:
   data toyworld --out DIR --preset smoke|toy [--seed N]   generate the procedural toy world as WebDataset shards
   data tokenizer --data DIR --out DIR [--vocab_size N]    train the toy BPE tokenizer on a toy world's corpora
+  data convert llava-json|obelics|mmc4|img2dataset|text SRC [--images DIR] --out DIR   real datasets to shards
 
 Run `visprior <command> --help` for the options of one command.
 """
@@ -56,7 +58,10 @@ def run_data(argv: Sequence[str]) -> None:
 
     from visprior.data import commands
 
-    CLI(commands.DATA_COMMANDS, args=list(argv), as_positional=False)
+    result = CLI(commands.DATA_COMMANDS, args=list(argv), as_positional=True)
+    if isinstance(result, dict):  # a converter's manifest: print what a user checks first
+        keys = ("name", "num_samples", "converted", "skipped", "dropped_images")
+        print(json.dumps({k: result.get(k) for k in keys}, indent=2, default=str))
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": run_data}

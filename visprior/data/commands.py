@@ -39,4 +39,10 @@ def tokenizer(data: str = "data/toyworld", out: str | None = None, vocab_size: i
     print(f"tokenizer written to {target}")
 
 
-DATA_COMMANDS = {"toyworld": toyworld, "tokenizer": tokenizer}
+def _convert_commands() -> dict:
+    from visprior.data.convert import CONVERT_COMMANDS
+
+    return CONVERT_COMMANDS
+
+
+DATA_COMMANDS = {"toyworld": toyworld, "tokenizer": tokenizer, "convert": _convert_commands()}
