@@ -120,6 +120,15 @@ def load_mle_bench(path: str | os.PathLike, limit: int | None = None) -> list[ML
     return items
 
 
+def balanced_subset(items: Sequence[MLEItem], limit: int) -> list[MLEItem]:
+    """The first `limit` items taking the levels in turn, so a capped run still covers small, medium and large."""
+    by_level = [[it for it in items if it.sub_task == level] for level in LEVELS]
+    out: list[MLEItem] = []
+    for i in range(max((len(x) for x in by_level), default=0)):
+        out.extend(group[i] for group in by_level if i < len(group))
+    return out[:limit]
+
+
 # ---------------------------------------------------------------------------------------------------------- prompting
 
 

@@ -13,7 +13,8 @@ import importlib.metadata
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if successes <= 0 else max(0.0, centre - half)  # exact ends: no float dust past the observed extreme
+    hi = 1.0 if successes >= n else min(1.0, centre + half)
+    return lo, hi
 
 
 def bootstrap_interval(
@@ -84,16 +87,35 @@ def mean_metric(values: Iterable[float], weights: Iterable[float] | None = None,
     return Metric(value, len(v), bootstrap_interval(v, w, seed=seed), "bootstrap")
 
 
+_SYNC = {"on": True}
+
+
+@contextmanager
+def local_metrics() -> Iterator[None]:
+    """Compute metrics from this process's samples only (e.g. an evaluation run on rank 0 alone during training)."""
+    before = _SYNC["on"]
+    _SYNC["on"] = False
+    try:
+        yield
+    finally:
+        _SYNC["on"] = before
+
+
 class Accumulator:
-    """Per-sample values under named groups, kept in torchmetrics CatMetrics so `compute` syncs across ranks."""
+    """Per-sample values under named groups, kept in torchmetrics CatMetrics so `compute` syncs across ranks.
+
+    Under `local_metrics()` nothing is synced. When syncing, every rank must create the same names in the same order.
+    """
 
     def __init__(self) -> None:
         self._values: dict[str, CatMetric] = {}
         self._weights: dict[str, CatMetric] = {}
+        self._sync = _SYNC["on"]
 
     def update(self, name: str, value: float, weight: float = 1.0) -> None:
         if name not in self._values:
-            self._values[name], self._weights[name] = CatMetric(), CatMetric()
+            self._values[name] = CatMetric(sync_on_compute=self._sync)
+            self._weights[name] = CatMetric(sync_on_compute=self._sync)
         self._values[name].update(torch.tensor([float(value)], dtype=torch.float64))
         self._weights[name].update(torch.tensor([float(weight)], dtype=torch.float64))
 
