@@ -15,6 +15,7 @@ as many batches as asked for; an epoch is a fixed number of batches chosen by th
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import itertools
@@ -366,6 +367,10 @@ class TrainStream(IterableDataset):
     # ---------------------------------------------------------------------------------------------------------- state
 
     def state_dict(self) -> dict[str, Any]:
+        """A deep copy: torchdata pickles worker states asynchronously, so live lists would be read after they changed."""
+        return copy.deepcopy(self._state())
+
+    def _state(self) -> dict[str, Any]:
         return {
             "split": dataclasses.astuple(self._split) if self._split else None,
             "sources": {name: stream.state_dict() for name, stream in self.sources.items()},
@@ -382,6 +387,7 @@ class TrainStream(IterableDataset):
             stream.load_state_dict(state["sources"][name])
         self._split = Split(*state["split"]) if state["split"] is not None else None
         self._mixture, self._mixture_state = None, state["mixture"]
+        state = copy.deepcopy(state)
         self.row_builder.load_state_dict(state["row_builder"])
         self._pending = [_row_from_state(r) for r in state["pending"]]
         self._reported = {name: dict(state["reported"].get(name, {})) for name in self.sources}
