@@ -297,3 +297,25 @@ def test_paper_vision_towers_on_meta(config: dict, expected: int, patches: int) 
         model = vision_model_from_config(config)
     assert sum(p.numel() for p in model.parameters()) == expected
     assert (model.config.image_size // model.config.patch_size) ** 2 == patches
+
+
+def test_tower_from_full_clip_folder_and_resolution_override(tmp_path: Path) -> None:
+    from transformers import CLIPConfig, CLIPModel
+
+    vision = {k: v for k, v in tiny_tower_config("clip_vision_model").items() if k != "model_type"}
+    text = {
+        "vocab_size": 50,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
+    full = CLIPModel(CLIPConfig(vision_config=vision, text_config=text, projection_dim=16)).eval()
+    full.save_pretrained(tmp_path / "clip")
+    tower = build_vision_tower(VisionTowerSpec(path=str(tmp_path / "clip"), feature_layer=-1)).eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    expected = full.vision_model(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+    torch.testing.assert_close(tower(pixels), expected)
+    larger = build_vision_tower(VisionTowerSpec(path=str(tmp_path / "clip"), image_size=48))
+    assert larger.num_patches == 36 and larger(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)
+    assert larger.image_transform(Image.new("RGB", (60, 50))).shape == (3, 48, 48)
