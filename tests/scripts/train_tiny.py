@@ -63,6 +63,15 @@ def slow_save_after(root: Path, step: int) -> None:
     checkpointing.torch.save = save
 
 
+class NaiveIO(AtomicCheckpointIO):
+    """Writes straight onto the final name, as a non-atomic IO would: the contrast that shows the kill test bites."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            checkpointing.torch.save(checkpoint, f)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", type=Path, required=True)
@@ -74,6 +83,7 @@ def main() -> None:
     ap.add_argument("--pause-at", type=int, default=-1)
     ap.add_argument("--slow-save-after", type=int, default=-1)
     ap.add_argument("--no-scheduler", action="store_true")
+    ap.add_argument("--naive-io", action="store_true")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -92,7 +102,7 @@ def main() -> None:
         max_steps=args.max_steps,
         accelerator="cpu",
         devices=1,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[NaiveIO() if args.naive_io else AtomicCheckpointIO()],
         callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
