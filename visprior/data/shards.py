@@ -214,6 +214,8 @@ def iter_shard_members(shard: str, counter: SkipCounter) -> Iterator[tuple[str, 
                     tar.members = []  # stream mode keeps every TarInfo otherwise
                 if not _clean_end(f, tar.offset):
                     raise tarfile.ReadError(f"archive ends in a truncated or invalid header at byte {tar.offset}")
+        except UnsafeTarMember:
+            raise  # a ValueError too, but a hostile archive is refused, not skipped
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             counter.seen += 1
             counter.skip("corrupt_tar", shard, f"{type(e).__name__}: {e}")
