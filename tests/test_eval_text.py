@@ -37,6 +37,11 @@ def test_perplexity_is_token_weighted_and_windowed():
     assert ppl == pytest.approx(math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts)), rel=1e-6)
 
 
+def test_final_answer():
+    assert text_eval.final_answer("7 + 12 = 19. The answer is 19.") == " 19."
+    assert text_eval.final_answer("green") == "green"
+
+
 def test_evaluate_text_on_shards(tmp_path, monkeypatch):
     for cat in ("web", "math"):
         write_shards([TextSample(f"{cat}{i}", f"{cat} text {i}", {"category": cat}) for i in range(3)],
@@ -46,7 +51,7 @@ def test_evaluate_text_on_shards(tmp_path, monkeypatch):
                                  "choices": ["3", "4", "5", "6"]}),
           TextSample("q2", "x", {"question": "3+3?", "answer": "6", "type": "reasoning"})]  # fmt: skip
     write_shards(qa, tmp_path / "eval" / "text_qa", name="qa", kind="text")
-    monkeypatch.setattr(text_eval, "generate", lambda m, p, **kw: ["Four." for _ in p])
+    monkeypatch.setattr(text_eval, "generate", lambda m, p, **kw: ["2 + 2 = 4. The answer is four." for _ in p])
     monkeypatch.setattr(
         text_eval, "score_options", lambda m, p, o, **kw: [[OptionScore(-j, -j, 1) for j in range(4)] for _ in p]
     )

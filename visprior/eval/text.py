@@ -5,7 +5,8 @@ multimodal training (wrap it in `LanguageOnly`) and for a VLM's language model a
 category: exp(total NLL / total predicted tokens), each document tokenized as in training (text, then `<|endoftext|>`) and
 cut into windows of `max_length`; the first token of each window has no context and is not scored. QA uses the same plain
 `Question: ...\nAnswer:` format the text corpora use: options are likelihood-scored when given, else the greedy answer's first
-line must match after VQA-style normalisation.
+line must match after VQA-style normalisation — or, since the toy corpora write worked solutions ending in
+"The answer is X.", the text after the last "the answer is" must.
 """
 
 from __future__ import annotations
@@ -87,9 +88,16 @@ def load_text_qa(path: str | os.PathLike, limit: int | None = None) -> list[Text
     ]
 
 
+def final_answer(text: str) -> str:
+    """The text after the last "the answer is" (worked solutions), else the whole output."""
+    cut = text.lower().rfind("the answer is")
+    return text[cut + len("the answer is") :] if cut >= 0 else text
+
+
 def qa_correct(
-    model: nn.Module, items: Sequence[TextQAItem], batch_size: int = 8, max_new_tokens: int = 12
+    model: nn.Module, items: Sequence[TextQAItem], batch_size: int = 8, max_new_tokens: int = 64
 ) -> list[bool]:
+    """Per item: likelihood-picked choice == answer, or the greedy worked answer's final answer == answer."""
     prompts = [f"Question: {it.question}\nAnswer:" for it in items]
     correct = [False] * len(items)
     mc = [i for i, it in enumerate(items) if it.choices]
@@ -104,7 +112,7 @@ def qa_correct(
         outs = generate(model, [prompts[i] for i in free], max_new_tokens=max_new_tokens, batch_size=batch_size,
                         stop=("\n", "<|endoftext|>", "<|im_end|>"))  # fmt: skip
         for i, out in zip(free, outs):
-            correct[i] = exact_match(out, [items[i].answer])
+            correct[i] = exact_match(final_answer(out), [items[i].answer])
     return correct
 
 
