@@ -6,6 +6,10 @@ existence_30-60 | existence_60-100` (the object's share of the image: small / me
 models rarely follow the letter format, a likelihood-scored variant (the option text with the highest mean log-likelihood) is
 reported beside it. Readers: HF `save_to_disk` folders (arrow IPC streams), parquet files, and imagefolder + metadata.jsonl
 (the toy world's layout).
+
+Deliberate difference from lmms-eval's `_extract_answer_letter`: it takes the *first* letter-like match, so "A or B" counts as
+A; here an output naming two different letters is no answer. Well-formed answers ("A", "(A)", "A.", "The answer is A",
+"Option A") are read identically, so numbers stay comparable for models that follow the format.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ class MLEItem:
         """Index of the right choice: `answer` is the choice text (a bare letter is accepted too)."""
         if self.answer in self.choices:
             return self.choices.index(self.answer)
+        folded = [c.strip().lower() for c in self.choices]
+        if self.answer.strip().lower() in folded:  # lmms-eval's fallback
+            return folded.index(self.answer.strip().lower())
         if len(self.answer) == 1 and self.answer.upper() in LETTERS[: len(self.choices)]:
             return LETTERS.index(self.answer.upper())
         raise ValueError(f"answer {self.answer!r} is not one of the choices {self.choices}")
@@ -135,7 +142,7 @@ def balanced_subset(items: Sequence[MLEItem], limit: int) -> list[MLEItem]:
 def build_prompt(item: MLEItem) -> str:
     """lmms-eval's MLE-Bench user text: image, question, lettered options, the letter instruction."""
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(item.choices))
-    return f"<image>\n{item.question}\n{options}\n{POST_PROMPT}"
+    return f"<image>\n{item.question.strip()}\n{options}\n{POST_PROMPT}"
 
 
 _WHOLE = re.compile(r"^[\s\"'*(\[]*([A-Da-d])[\s\"'*)\].:,]*$")
