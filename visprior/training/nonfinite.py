@@ -4,7 +4,8 @@ One NaN batch (a degenerate sample, an overflow) should cost one step, not the r
 broken and must stop loudly instead of burning compute. Two checks, one counter:
 
 * loss: the stage's ``training_step`` returns ``skip_nonfinite(self, loss, batch)``; ``None`` makes Lightning's automatic
-  optimization skip backward and the optimizer step. Under DDP the decision is all-reduced (one rank returning ``None``
+  optimization skip backward, so every gradient stays ``None`` and the optimizer moves no parameter (Lightning still
+  calls ``optimizer.step``, so ``global_step`` and a per-step scheduler advance: a skipped step is a no-op step). Under DDP the decision is all-reduced (one rank returning ``None``
   while the others run backward would hang the gradient all-reduce).
 * gradient norm: ``on_before_optimizer_step`` sets every gradient to ``None`` when the total norm is not finite, so the
   optimizer leaves every parameter and its moments untouched (the scheduler and ``global_step`` still advance).
