@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import random
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,15 @@ def test_toyworld_tokenizer_round_trips_every_category(toyworld_dir: Path, token
         ids = tok.encode(sample.text)
         assert tok.decode(ids) == sample.text
         assert len(ids) < len(sample.text.encode()) / 2  # learned merges, not bytes
+
+
+def test_broken_multimodal_sample_is_skipped(tmp_path: Path) -> None:
+    root = make_world(tmp_path / "w")
+    shard = next((root / "sft").glob("*.tar"))
+    with tarfile.open(shard, "a") as tar:
+        data = b"{not json"
+        info = tarfile.TarInfo("broken.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    tok = AutoTokenizer.from_pretrained(train_tokenizer(root, tmp_path / "tok", vocab_size=400))
+    assert len(tok.encode("wombat")) == 1

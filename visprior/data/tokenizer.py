@@ -10,6 +10,7 @@ are separated by the eos that ends each one, as in GPT-2), `<pad>` pads, `<image
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +18,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from visprior.data.formats import IMAGE_MARK, ConversationSample, InterleavedSample, PairSample, TextSample
-from visprior.data.shards import MANIFEST, iter_samples, read_manifest, resolve_shards
+from visprior.data.formats import IMAGE_MARK, SampleKind
+from visprior.data.shards import MANIFEST, SkipCounter, iter_samples, iter_shard_members, read_manifest, resolve_shards
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -46,15 +47,33 @@ def _dataset_dirs(data_dir: Path) -> list[Path]:
 
 
 def _texts(dataset_dir: Path) -> Iterator[str]:
-    """The raw text of every sample of one dataset; image marks are dropped so they are not learned as ordinary text."""
-    kind = read_manifest(dataset_dir)["kind"]
-    for sample in iter_samples(resolve_shards(dataset_dir), kind):
-        if isinstance(sample, (TextSample, PairSample)):
-            yield sample.text
-        elif isinstance(sample, InterleavedSample):
-            yield " ".join(s for s in sample.segments if isinstance(s, str))
-        elif isinstance(sample, ConversationSample):
-            yield "\n".join(turn["value"].replace(IMAGE_MARK, "") for turn in sample.conversations)
+    """The raw text of every sample of one dataset; image marks are dropped so they are not learned as ordinary text.
+
+    Multimodal shards are read member by member without decoding their images (most of the reading time otherwise).
+    """
+    kind = SampleKind(read_manifest(dataset_dir)["kind"])
+    shards = resolve_shards(dataset_dir)
+    if kind is SampleKind.TEXT:
+        yield from (sample.text for sample in iter_samples(shards, kind))
+        return
+    counter = SkipCounter()
+    for shard in shards:
+        for _, members in iter_shard_members(shard, counter):
+            try:
+                yield _member_text(kind, members)
+            except (ValueError, AttributeError):  # bad JSON / UTF-8: the training readers skip these samples too
+                continue
+
+
+def _member_text(kind: SampleKind, members: dict[str, bytes]) -> str:
+    """The text of one multimodal sample from its `txt` / `json` members; malformed ones raise ValueError."""
+    if kind is SampleKind.PAIR:
+        return members["txt"].decode("utf-8") if "txt" in members else ""
+    meta = json.loads(members.get("json", b"{}").decode("utf-8"))
+    items = meta.get("segments" if kind is SampleKind.INTERLEAVED else "conversations", [])
+    field = "text" if kind is SampleKind.INTERLEAVED else "value"
+    texts = [t[field] for t in items if isinstance(t, dict) and isinstance(t.get(field), str)]
+    return ("" if kind is SampleKind.INTERLEAVED else "\n").join(texts).replace(IMAGE_MARK, "")
 
 
 def train_tokenizer(data_dir: str | os.PathLike, out_dir: str | os.PathLike, vocab_size: int = 8192) -> Path:
