@@ -13,6 +13,7 @@ batch: under DDP each rank contrasts its own batch (no all-gather), so the effec
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Literal
 
@@ -67,7 +68,8 @@ class ContrastivePretraining(Stage):
     ):
         """
         Args:
-            vision_tower: the tower to pre-train (use `feature_layer: -1`: every layer then gets a gradient).
+            vision_tower: the tower to pre-train; read at its last layer here whatever `feature_layer` says (every layer
+                then gets a gradient), while later stages read the layer their spec names.
             text_encoder: a small causal LM over the shared tokenizer, read at the caption's final `<eos>`.
             loss: `siglip` (sigmoid, learned bias) or `clip` (softmax InfoNCE).
             embed_dim: width of the joint embedding space.
@@ -81,7 +83,7 @@ class ContrastivePretraining(Stage):
         )
         self.save_hyperparameters()
         self.loss_name = loss
-        tower = build_vision_tower(vision_tower)
+        tower = build_vision_tower(dataclasses.replace(vision_tower, feature_layer=-1))
         text, self.tokenizer = build_language_model(text_encoder)
         head = ContrastiveHead(tower.hidden_size, text.config.hidden_size, embed_dim, loss)
         self.model = nn.ModuleDict({"vision_tower": tower, "text_encoder": text, "head": head})

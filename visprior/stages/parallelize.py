@@ -8,6 +8,7 @@ so parameters are gathered one block at a time. Mixed precision is FSDP2's `Mixe
 
 from __future__ import annotations
 
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
 BLOCK_LIST_NAMES = ("layers", "layer", "blocks", "h")
@@ -64,3 +65,28 @@ def parallelize(
             fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's `ModelParallelStrategy` as pure data-parallel FSDP2: data_parallel = world size, tensor_parallel = 1.
+
+    The parent's "auto" sizes mean data_parallel = nodes and tensor_parallel = devices per node, which is tensor
+    parallelism on one node; our stages only shard (FSDP2), so every process is a data-parallel replica.
+    """
+
+    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None):
+        """
+        Args:
+            save_distributed_checkpoint: a sharded checkpoint folder (fast at scale) instead of one consolidated file.
+            process_group_backend: `nccl` on GPUs, `gloo` on CPU (None: chosen from the accelerator).
+        """
+        super().__init__(
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+        )
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()

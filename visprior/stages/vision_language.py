@@ -12,6 +12,9 @@ from typing import Any
 
 import torch
 
+from visprior.models.connectors import ConnectorSpec
+from visprior.models.language import LanguageModelSpec
+from visprior.models.vision import VisionTowerSpec
 from visprior.models.vlm import VisionLanguageModel, VLMSpec, build_vlm
 from visprior.stages.base import Stage, StepOutput
 from visprior.stages.flops import flops_factor, transformer_flops_per_token
@@ -28,15 +31,15 @@ class VLMStage(Stage):
 
     model: VisionLanguageModel
 
-    def __init__(self, vlm: VLMSpec, **stage_args: Any):
+    def __init__(self, spec: VLMSpec, **stage_args: Any):
         """
         Args:
-            vlm: the model: language model, vision tower (None for text only) and connector.
+            spec: the model: language model, vision tower (None for text only) and connector.
             stage_args: the shared options of `Stage` (trainable, init_from, warmup_steps, peak_flops, ...).
         """
         super().__init__(**stage_args)
         self.save_hyperparameters()
-        self.model = build_vlm(vlm)
+        self.model = build_vlm(spec)
         self.tokenizer = self.model.tokenizer
         self.image_transform = self.model.image_transform
         self.num_image_tokens = self.model.num_image_tokens
@@ -107,25 +110,50 @@ class VLMStage(Stage):
 class VisionLanguagePretraining(VLMStage):
     """Alignment / multimodal pre-training on a weighted mixture of pairs, interleaved documents and text."""
 
-    def __init__(self, vlm: VLMSpec, trainable: dict[str, float] | None = None, **stage_args: Any):
+    def __init__(
+        self,
+        language_model: LanguageModelSpec,
+        vision_tower: VisionTowerSpec,
+        connector: ConnectorSpec | None = None,
+        trainable: dict[str, float] | None = None,
+        **stage_args: Any,
+    ):
         """
         Args:
-            vlm: the model to build.
+            language_model: the LM and tokenizer (a toy config or a local HF folder).
+            vision_tower: the vision tower (config or local folder) and the layer it is read at.
+            connector: vision features -> LM embeddings (default `mlp2x_gelu`, one token per patch).
             trainable: component -> learning rate (default: the connector only at 1e-3, LLaVA's alignment stage).
             stage_args: the shared options of `Stage`.
         """
-        super().__init__(vlm, trainable=trainable if trainable is not None else {"connector": 1e-3}, **stage_args)
+        super().__init__(
+            VLMSpec(language_model, vision_tower, connector or ConnectorSpec()),
+            trainable=trainable if trainable is not None else {"connector": 1e-3},
+            **stage_args,
+        )
 
 
 class InstructionTuning(VLMStage):
     """Instruction tuning on LLaVA-schema conversations (optionally re-blended with text-only ones in the data module)."""
 
-    def __init__(self, vlm: VLMSpec, trainable: dict[str, float] | None = None, **stage_args: Any):
+    def __init__(
+        self,
+        language_model: LanguageModelSpec,
+        vision_tower: VisionTowerSpec,
+        connector: ConnectorSpec | None = None,
+        trainable: dict[str, float] | None = None,
+        **stage_args: Any,
+    ):
         """
         Args:
-            vlm: the model to build.
+            language_model: the LM and tokenizer (a toy config or a local HF folder).
+            vision_tower: the vision tower (config or local folder) and the layer it is read at.
+            connector: vision features -> LM embeddings (default `mlp2x_gelu`, one token per patch).
             trainable: component -> learning rate (default: connector 1e-3 and language model 2e-4).
             stage_args: the shared options of `Stage`.
         """
-        default = {"connector": 1e-3, "language_model": 2e-4}
-        super().__init__(vlm, trainable=trainable if trainable is not None else default, **stage_args)
+        super().__init__(
+            VLMSpec(language_model, vision_tower, connector or ConnectorSpec()),
+            trainable=trainable if trainable is not None else {"connector": 1e-3, "language_model": 2e-4},
+            **stage_args,
+        )
