@@ -39,7 +39,7 @@ def _raw_samples(folder: Path) -> list[dict]:
     """Read a dataset with plain webdataset only (no visprior code): raw bytes per member."""
     urls = sorted(str(p) for p in folder.glob("*.tar"))
     assert urls, f"no shards in {folder}"
-    return list(wds.WebDataset(urls, shardshuffle=False, empty_check=False))
+    return list(wds.WebDataset(urls, shardshuffle=False))
 
 
 def _image(data: bytes) -> np.ndarray:

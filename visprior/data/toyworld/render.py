@@ -97,11 +97,14 @@ def background_array(bg: Background, size: int) -> np.ndarray:
 def render(scene: Scene, size: int = 128, supersample: int = 4) -> Rendered:
     """Draw `scene` at `size` x `size` pixels; objects are composited in list order (later ones on top)."""
     img = background_array(scene.background, size)
+    covers = [coverage_mask(obj, size, supersample) for obj in scene.objects]
+    for obj, m in zip(scene.objects, covers):
+        img += (np.asarray(obj.rgb, dtype=np.float32) - img) * m[..., None]
     masks: list[np.ndarray] = []
-    for obj in scene.objects:
-        m = coverage_mask(obj, size, supersample)
-        img = img * (1.0 - m[..., None]) + np.asarray(obj.rgb, dtype=np.float32) * m[..., None]
-        masks = [v * (1.0 - m) for v in masks]
-        masks.append(m)
+    above = np.ones((size, size), dtype=np.float32)  # share of each pixel not covered by objects drawn later
+    for m in reversed(covers):
+        masks.append(m * above)
+        above *= 1.0 - m
+    masks.reverse()
     image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
     return Rendered(image, masks, [float(v.mean()) for v in masks])
