@@ -98,7 +98,7 @@ Sample = Union[TextSample, PairSample, InterleavedSample, ConversationSample]
 def encode_image(image: Image.Image, fmt: str = "png") -> bytes:
     buf = io.BytesIO()
     fmt = "jpeg" if fmt in ("jpg", "jpeg") else fmt
-    image.save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {"optimize": False}))
+    image.save(buf, format=fmt.upper(), **({"quality": 90} if fmt == "jpeg" else {"compress_level": 1}))
     return buf.getvalue()
 
 
