@@ -99,9 +99,9 @@ def safe_load(path: str | os.PathLike, map_location: Any = "cpu", safe_globals: 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint IO whose writes are all-or-nothing and whose loads default to ``weights_only=True``."""
 
-    def __init__(self, safe_globals: Iterable[Any] = ()) -> None:
+    def __init__(self, safe_globals: list[Any] | None = None) -> None:
         super().__init__()
-        self.safe_globals = list(safe_globals)
+        self.safe_globals = list(safe_globals or [])
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically (local filesystems only)."""
