@@ -14,7 +14,7 @@ import os
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -36,7 +36,7 @@ def is_safe_member(name: str) -> bool:
     """Tar members must be relative and stay inside the archive (no `/abs`, no `a/../../b`)."""
     if not name or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
         return False
-    return ".." not in Path(name.replace("\\", "/")).parts
+    return ".." not in name.replace("\\", "/").split("/")
 
 
 # ------------------------------------------------------------------------------------------------------------------ write
@@ -171,18 +171,89 @@ class SkipCounter:
         return f"{self.seen} samples read, {self.skipped} skipped ({reasons})"
 
 
-def _clean_end(f: BinaryIO, offset: int) -> bool:
-    """True when an uncompressed tar ends properly at `offset` (a zero block), not in a cut or garbled header.
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ")
+_REGULAR_TYPES = (b"0", b"\0", b"7")
+_TarEntry = tuple[
+    str, bool, Callable[[], bytes]
+]  # name, is a regular file, read its data (at most once, before moving on)
 
-    tarfile treats a truncated or invalid header after the first member as a normal end of archive, which would silently drop the
-    rest of a shard; this check turns that case into a counted `corrupt_tar`. Compressed tars are trusted as tarfile reads them.
+
+def _octal(field: bytes) -> int:
+    if field[:1] == b"\x80":  # GNU base-256 for sizes over 8 GiB
+        return int.from_bytes(field[1:], "big")
+    digits = field.split(b"\0", 1)[0].strip()
+    return int(digits, 8) if digits else 0
+
+
+def _pax_records(data: bytes) -> dict[bytes, bytes]:
+    out, pos = {}, 0
+    while pos < len(data) and data[pos : pos + 1] != b"\0":
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key] = value
+        pos += length
+    return out
+
+
+def _plain_tar_entries(f: BinaryIO) -> Iterator[_TarEntry]:
+    """Entries of an uncompressed tar (ustar, pax, GNU long names), about 5x faster than `tarfile` in stream mode.
+
+    Unlike `tarfile`, a cut or garbled header anywhere is an error (`tarfile` treats it as a normal end and silently drops the
+    rest of the shard); only a zero block ends the archive.
     """
-    f.seek(0)
-    if f.read(2) == b"\x1f\x8b":
-        return True
-    f.seek(offset)
-    block = f.read(tarfile.BLOCKSIZE)
-    return len(block) == tarfile.BLOCKSIZE and not any(block)
+    long_name: str | None = None
+    pax: dict[bytes, bytes] = {}
+    while True:
+        at = f.tell()
+        header = f.read(tarfile.BLOCKSIZE)
+        if len(header) < tarfile.BLOCKSIZE:
+            raise tarfile.ReadError(f"archive cut at byte {at + len(header)}: no end-of-archive block")
+        if not any(header):
+            return
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):
+            raise tarfile.ReadError(f"bad header checksum at byte {at}")
+        size, kind = _octal(header[124:136]), header[156:157]
+        padding = -size % tarfile.BLOCKSIZE
+        if kind in (b"x", b"g", b"L"):
+            data = f.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"archive cut inside the extended header at byte {at}")
+            f.seek(padding, 1)
+            if kind == b"x":
+                pax = _pax_records(data)
+            elif kind == b"L":
+                long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+            continue
+        name = header[:100].split(b"\0", 1)[0]
+        if header[257:262] == b"ustar" and header[345:346] != b"\0":
+            name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+        if b"size" in pax:
+            size = int(pax[b"size"])
+            padding = -size % tarfile.BLOCKSIZE
+        path = pax[b"path"].decode("utf-8", "surrogateescape") if b"path" in pax else long_name
+        path = path if path is not None else name.decode("utf-8", "surrogateescape")
+        long_name, pax = None, {}
+        consumed = False
+
+        def read(size: int = size, at: int = at, path: str = path) -> bytes:
+            nonlocal consumed
+            consumed = True
+            data = f.read(size)
+            if len(data) < size:
+                raise tarfile.ReadError(f"archive cut inside member {path!r} (header at byte {at})")
+            return data
+
+        yield path, kind in _REGULAR_TYPES, read
+        f.seek(padding if consumed else size + padding, 1)
+
+
+def _tarfile_entries(f: BinaryIO) -> Iterator[_TarEntry]:
+    """Entries of a compressed tar through `tarfile` (stream mode, so no seeking in the decompressed stream)."""
+    with tarfile.open(fileobj=f, mode="r|*") as tar:
+        for info in tar:
+            yield info.name, info.isreg(), lambda info=info: tar.extractfile(info).read()
+            tar.members = []  # stream mode keeps every TarInfo otherwise
 
 
 def iter_shard_members(shard: str, counter: SkipCounter) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -197,23 +268,21 @@ def iter_shard_members(shard: str, counter: SkipCounter) -> Iterator[tuple[str, 
     members: dict[str, bytes] = {}
     with open(shard, "rb") as f:
         try:
-            with tarfile.open(fileobj=f, mode="r|*") as tar:
-                for info in tar:
-                    name = info.name
-                    if not is_safe_member(name):
-                        raise UnsafeTarMember(shard, name)
-                    if not info.isreg() or _META_MEMBER.match(Path(name).name):
-                        continue
-                    base, _, ext = Path(name).name.partition(".")
-                    prefix = str(Path(name).parent / base) if Path(name).parent != Path(".") else base
-                    if prefix != key:  # a new key's header proves the previous sample complete: hand it out first
-                        if key is not None:
-                            yield key, members
-                        key, members = prefix, {}
-                    members[ext] = tar.extractfile(info).read()
-                    tar.members = []  # stream mode keeps every TarInfo otherwise
-                if not _clean_end(f, tar.offset):
-                    raise tarfile.ReadError(f"archive ends in a truncated or invalid header at byte {tar.offset}")
+            compressed = f.read(6).startswith(_COMPRESSED_MAGIC)
+            f.seek(0)
+            for name, regular, read in _tarfile_entries(f) if compressed else _plain_tar_entries(f):
+                if not is_safe_member(name):
+                    raise UnsafeTarMember(shard, name)
+                folder, _, basename = name.rpartition("/")  # string ops: pathlib costs more than the tar parsing here
+                if not regular or _META_MEMBER.match(basename):
+                    continue
+                base, _, ext = basename.partition(".")
+                prefix = f"{folder}/{base}" if folder else base
+                if prefix != key:  # a new key's header proves the previous sample complete: hand it out first
+                    if key is not None:
+                        yield key, members
+                    key, members = prefix, {}
+                members[ext] = read()
         except UnsafeTarMember:
             raise  # a ValueError too, but a hostile archive is refused, not skipped
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:

@@ -20,13 +20,13 @@ import dataclasses
 import importlib
 import itertools
 import os
+import random
 from collections.abc import Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -104,7 +104,7 @@ class ShardStream(IterableDataset):
 
     def plan(self, pass_index: int, split: Split) -> tuple[list[int], int | None]:
         """Shard indices this split reads in `pass_index`, and the sample modulo it keeps (None: every sample)."""
-        perm = np.random.default_rng([self.seed, pass_index]).permutation(len(self.shards)).tolist()
+        perm = _permutation(len(self.shards), self.seed, pass_index)
         if len(self.shards) >= split.count:
             return perm[split.index :: split.count], None
         return perm, split.index
@@ -180,7 +180,7 @@ class ShardStream(IterableDataset):
                     self.counter.merge(corrupt)
                     self._on_skip()
                 corrupt = SkipCounter()
-            order = np.random.default_rng([self.seed, p["pass"], shard_id, block_index]).permutation(len(block))
+            order = _permutation(len(block), self.seed, p["pass"], shard_id, block_index)
             for j in order[skip:]:
                 key, members = block[j]
                 p["offset"] += 1
@@ -219,6 +219,13 @@ class ShardStream(IterableDataset):
         self._pos = {k: int(state[k]) for k in ("pass", "shard", "offset", "base")}
         self._split = Split(*state["split"]) if state["split"] is not None else None
         self.counter.load_state_dict(state["counter"])
+
+
+def _permutation(n: int, *seed: int) -> list[int]:
+    """A permutation of range(n) fixed by `seed`: a string seed is hashed with SHA-512, the same in every process and run."""
+    order = list(range(n))
+    random.Random("/".join(map(str, seed))).shuffle(order)
+    return order
 
 
 def _is_dataset(spec: Any) -> bool:
