@@ -1,0 +1,241 @@
+"""Stages: freezing by component (counts and values), optimizer groups and schedule, init_from, perplexity drops with
+text pre-training, and every stage YAML runs through the real CLI at smoke size."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from visprior.data.datamodule import SourceSpec, VisionLanguageDataModule
+from visprior.models.connectors import ConnectorSpec
+from visprior.models.language import LanguageModelSpec
+from visprior.models.vision import VisionTowerSpec
+from visprior.stages import (
+    ContrastivePretraining,
+    InitFrom,
+    InstructionTuning,
+    LanguagePretraining,
+    VisionLanguagePretraining,
+)
+from visprior.stages.base import schedule_factor
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_LM = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "intermediate_size": 128,
+    "tie_word_embeddings": True,
+}
+TINY_TOWER = {
+    "model_type": "siglip_vision_model",
+    "image_size": 64,
+    "patch_size": 16,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 128,
+    "vision_use_head": False,
+}
+
+
+def lm_spec(tokenizer_dir: Path) -> LanguageModelSpec:
+    return LanguageModelSpec(config=TINY_LM, tokenizer=str(tokenizer_dir))
+
+
+def tower_spec() -> VisionTowerSpec:
+    return VisionTowerSpec(config=TINY_TOWER, feature_layer=-1)
+
+
+def trainer(steps: int, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def data(root: Path, *sources: str, **kwargs) -> VisionLanguageDataModule:
+    kwargs = {"batch_size": 4, "seq_len": 96, "batches_per_epoch": 50, **kwargs}
+    return VisionLanguageDataModule([SourceSpec(str(root / s)) for s in sources], **kwargs)
+
+
+def snapshot(stage: pl.LightningModule) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        comp: {n: p.detach().clone() for n, p in module.named_parameters()}
+        for comp, module in stage.model.named_children()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- freezing
+
+
+@pytest.mark.parametrize(
+    ("stage_cls", "trainable", "sources"),
+    [
+        (VisionLanguagePretraining, {"connector": 1e-2}, ("pairs",)),
+        (InstructionTuning, {"connector": 1e-2, "language_model": 1e-3}, ("sft",)),
+    ],
+)
+def test_frozen_components_stay_and_trainable_ones_move(toyworld_dir, tokenizer_dir, stage_cls, trainable, sources):
+    stage = stage_cls(lm_spec(tokenizer_dir), tower_spec(), ConnectorSpec(), trainable=trainable)
+    counts = {name: (t, f) for name, t, f in stage.parameter_table()}
+    for comp, module in stage.model.named_children():
+        total = sum(p.numel() for p in module.parameters())
+        if comp in trainable:
+            assert counts[comp][0] > 0 and counts[comp][0] + counts[comp][1] == total
+        else:
+            assert counts[comp] == (0, total), comp
+    stage.train()
+    for comp, module in stage.model.named_children():
+        assert module.training == (comp in trainable), comp
+    before = snapshot(stage)
+    trainer(3).fit(stage, data(toyworld_dir, *sources, packing=stage_cls is InstructionTuning, seq_len=160))
+    after = snapshot(stage)
+    for comp in before:
+        moved = [n for n in before[comp] if not torch.equal(before[comp][n], after[comp][n])]
+        if comp in trainable:
+            trainable_names = [n for n, p in getattr(stage.model, comp).named_parameters() if p.requires_grad]
+            assert set(trainable_names) <= set(moved), f"{comp}: {set(trainable_names) - set(moved)} did not change"
+        else:
+            assert moved == [], f"frozen {comp} changed: {moved[:3]}"
+            assert not getattr(stage.model, comp).training
+
+
+def test_unknown_component_is_named(tokenizer_dir):
+    with pytest.raises(ValueError, match="vision_towr"):
+        VisionLanguagePretraining(lm_spec(tokenizer_dir), tower_spec(), trainable={"vision_towr": 1e-3})
+
+
+def test_param_groups_no_decay_on_vectors_and_schedule(tokenizer_dir):
+    stage = InstructionTuning(
+        lm_spec(tokenizer_dir), tower_spec(), trainable={"connector": 1e-3, "language_model": 2e-4}, weight_decay=0.1
+    )
+    stage.decay_steps = 100
+    opt = stage.configure_optimizers()["optimizer"]
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] is True
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert set(groups) == {"connector", "connector/no_decay", "language_model", "language_model/no_decay"}
+    assert (
+        all(p.ndim >= 2 for p in groups["language_model"]["params"]) and groups["language_model"]["weight_decay"] == 0.1
+    )
+    assert all(p.ndim < 2 for p in groups["language_model/no_decay"]["params"])
+    assert groups["language_model/no_decay"]["weight_decay"] == 0.0
+    assert groups["connector"]["lr"] == 1e-3 and groups["language_model"]["lr"] == 2e-4
+    assert schedule_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert schedule_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert schedule_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+    assert schedule_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+
+
+# ---------------------------------------------------------------------------------------------------- init_from
+
+
+def test_init_from_checkpoint_and_hf_folder(toyworld_dir, tokenizer_dir, tmp_path):
+    source = LanguagePretraining(lm_spec(tokenizer_dir))
+    with torch.no_grad():
+        for p in source.model.parameters():
+            p.add_(0.5)
+    ckpt = tmp_path / "lm.ckpt"
+    torch.save({"state_dict": source.state_dict()}, ckpt)
+    source.model.language_model.save_pretrained(tmp_path / "hf")
+
+    for path in (ckpt, tmp_path / "hf"):
+        target = VisionLanguagePretraining(
+            lm_spec(tokenizer_dir),
+            tower_spec(),
+            init_from=[InitFrom(path=str(path), components=["language_model"])],
+        )
+        tower_before = {n: p.clone() for n, p in target.model.vision_tower.named_parameters()}
+        target.configure_model()
+        for (n, p), q in zip(target.model.language_model.named_parameters(), source.model.language_model.parameters()):
+            assert torch.equal(p, q), n
+        for n, p in target.model.vision_tower.named_parameters():
+            assert torch.equal(p, tower_before[n]), n
+
+    bad = VisionLanguagePretraining(
+        lm_spec(tokenizer_dir),
+        tower_spec(),
+        init_from=[InitFrom(path=str(tmp_path / "nope.ckpt"), components=["connector"])],
+    )
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        bad.configure_model()
+
+
+# ---------------------------------------------------------------------------------------------------- learning
+
+
+def heldout_loss(stage: LanguagePretraining, dm: VisionLanguageDataModule) -> float:
+    stage.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            out = stage.compute_loss(batch)
+            total += float(out.loss) * out.supervised
+            count += out.supervised
+    return total / count
+
+
+def test_text_pretraining_lowers_heldout_perplexity(toyworld_dir, tokenizer_dir):
+    torch.manual_seed(0)
+    stage = LanguagePretraining(lm_spec(tokenizer_dir), trainable={"language_model": 3e-3}, warmup_steps=5)
+    categories = ["web", "encyclopedia", "literature", "visual"]
+    dm = data(toyworld_dir, *[f"text/{c}" for c in categories], batch_size=4, seq_len=128, val_batches=3)
+    dm.val_sources = [SourceSpec(str(toyworld_dir / "eval/text" / c)) for c in categories]
+    dm.connect(stage.tokenizer)
+    before = heldout_loss(stage, dm)
+    trainer(60).fit(stage, dm)
+    after = heldout_loss(stage, dm)
+    assert math.exp(after) < 0.25 * math.exp(before), (math.exp(before), math.exp(after))
+
+
+def test_contrastive_loss_falls(toyworld_dir, tokenizer_dir):
+    stage = ContrastivePretraining(tower_spec(), lm_spec(tokenizer_dir), loss="clip", embed_dim=32)
+    dm = data(toyworld_dir, "pairs", batch_size=8, seq_len=48, packing=False)
+    dm.connect(stage.tokenizer, stage.image_transform, stage.num_image_tokens)
+    batch = next(iter(dm.train_dataloader()))
+    first = float(stage.compute_loss(batch).loss.detach())
+    assert first == pytest.approx(math.log(8), abs=0.5)  # chance level of InfoNCE over 8 pairs
+    trainer(8).fit(stage, dm)
+    stage.eval()
+    with torch.no_grad():
+        assert float(stage.compute_loss(batch).loss) < first
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("name", ["text-pretrain", "contrastive", "align", "sft"])
+def test_stage_yaml_runs_at_smoke_size(name, toyworld_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """The real `visprior fit --config` on each stage YAML, with the smoke scale, in a fresh run directory."""
+    (tmp_path / "data").mkdir()
+    os.symlink(toyworld_dir, tmp_path / "data" / "toyworld")
+    os.symlink(REPO / "recipes", tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)
+    from visprior.cli import main
+
+    main(
+        [
+            "fit",
+            "--config",
+            f"recipes/_base/stages/{name}.yaml",
+            "--config",
+            "recipes/_base/scales/smoke.yaml",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    ckpt = torch.load(tmp_path / "runs" / name / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"], "the loader position is in the checkpoint"
