@@ -12,6 +12,7 @@ from visprior.data.formats import SampleError
 from visprior.data.packing import (
     Packer,
     Padder,
+    best_fill,
     block_causal_bias,
     block_causal_mask,
     collate_rows,
@@ -122,6 +123,21 @@ def test_state_dict_round_trip_gives_same_rows() -> None:
         Packer(64, PAD).load_state_dict(state)
 
 
+def test_best_fill_is_the_optimum_and_prefers_older() -> None:
+    rng = random.Random(3)
+    for _ in range(200):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(1, 9))]
+        chosen = best_fill(lengths, 60)
+        best = max(
+            sum(n for i, n in enumerate(lengths) if m >> i & 1)
+            for m in range(1 << len(lengths))
+            if sum(n for i, n in enumerate(lengths) if m >> i & 1) <= 60
+        )
+        assert sum(lengths[i] for i in chosen) == best and chosen == sorted(set(chosen))
+    assert best_fill([30, 30, 30], 60) == [0, 1]
+    assert best_fill([70, 80], 60) == []
+
+
 def test_too_long_sample_is_a_sample_error() -> None:
     with pytest.raises(SampleError, match="too_long"):
         Packer(8, PAD).push(samples_of([9])[0])
@@ -177,13 +193,13 @@ def test_toyworld_sft_packs_with_masked_images_and_prompts(toyworld_dir, tokeniz
     from visprior.data.tokenize import SampleTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    st = SampleTokenizer(tok, lambda im: torch.zeros(3, 2, 2), num_image_tokens=4, max_length=256)
+    st = SampleTokenizer(tok, lambda im: torch.zeros(3, 2, 2), num_image_tokens=64, max_length=512)
     conversations = [s for _, s in zip(range(200), iter_samples(resolve_shards(toyworld_dir / "sft"), "conversation"))]
     assert all(isinstance(s, ConversationSample) for s in conversations)
     tokenized = [t for s in conversations for t in st(s)]
-    packer = Packer(256, tok.pad_token_id, buffer_size=32)
+    packer = Packer(512, tok.pad_token_id, buffer_size=32)
     rows = [r for t in tokenized for r in packer.push(t)]
-    frac = padding_fraction(rows, 256)
+    frac = padding_fraction(rows, 512)
     print(
         f"toy-world SFT: {len(tokenized)} conversations, mean {sum(len(t.input_ids) for t in tokenized) / len(tokenized):.0f} "
         f"tokens, packed padding {frac:.4f}"
@@ -192,7 +208,7 @@ def test_toyworld_sft_packs_with_masked_images_and_prompts(toyworld_dir, tokeniz
     batch = collate_rows(rows + packer.flush(), tok.pad_token_id)
     labels, ids = batch["labels"], batch["input_ids"]
     assert (labels[ids == st.image_id] == IGNORE_INDEX).all()
-    assert batch["pixel_values"].shape[0] * 4 == int((ids == st.image_id).sum())
+    assert batch["pixel_values"].shape[0] * 64 == int((ids == st.image_id).sum())
     by_key = {s.key: s for s in conversations}
     for key, doc_ids, doc_labels in unpack(batch):
         supervised = tok.decode([t for t, lab in zip(doc_ids, doc_labels) if lab != IGNORE_INDEX])
