@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import tarfile
 from pathlib import Path
@@ -172,3 +173,16 @@ def test_plain_webdataset_reads_our_shards(tmp_path: Path) -> None:
         s = got[original.key]
         assert s["txt"] == original.text and s["json"] == original.meta
         assert np.array_equal(pixels(s["png"]), pixels(original.image))
+
+
+def test_gzipped_shards_read_through_tarfile(tmp_path: Path) -> None:
+    write_shards(samples_of("text"), tmp_path, name="t", kind="text")
+    (shard,) = resolve_shards(tmp_path)
+    packed = gzip.compress(Path(shard).read_bytes(), mtime=0)
+    whole, cut = tmp_path / "whole.tar.gz", tmp_path / "cut.tar.gz"
+    whole.write_bytes(packed)
+    cut.write_bytes(packed[: len(packed) // 2])
+    assert [s.text for s in iter_samples([str(whole)], "text")] == [s.text for s in samples_of("text")]
+    counter = SkipCounter()
+    assert len(list(iter_samples([str(cut)], "text", counter))) < 5
+    assert counter.by_reason == {"corrupt_tar": 1}

@@ -299,7 +299,8 @@ class TrainStream(IterableDataset):
         self.max_skip_rate, self.min_samples_for_skip_rate = max_skip_rate, min_samples_for_skip_rate
         self.rank, self.world_size = rank, world_size
         for name, stream in self.sources.items():
-            stream.rank, stream.world_size = rank, world_size
+            if rank is not None or world_size is not None:  # an explicit split applies to every source alike
+                stream.rank, stream.world_size = rank, world_size
             stream.quality_check = partial(self.check_quality, name)
         self._mixture: Mixture | None = None
         self._mixture_state: dict[str, Any] | None = None
