@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -266,3 +267,40 @@ def test_manifest_json_and_row_state_are_plain(data: Path) -> None:
     json.dumps({k: v for k, v in state.items() if k != "pending"})
     for row in state["pending"]:
         assert set(row) == {"row_class", "fields"}
+
+
+def test_resume_with_the_real_packer_and_collate(data: Path) -> None:
+    packing = pytest.importorskip("visprior.data.packing")
+    from visprior.data.tokenize import TokenizedSample
+
+    def tokenize(sample: Any) -> list[TokenizedSample]:
+        ids = [ord(c) % 50 + 1 for c in sample.text]
+        images = (
+            [torch.from_numpy(np.asarray(sample.image, dtype=np.float32)).permute(2, 0, 1)]
+            if isinstance(sample, PairSample)
+            else []
+        )
+        return [TokenizedSample(sample.key, ids, list(ids), images)]
+
+    def build() -> TrainStream:
+        sources = {
+            "text": ShardStream(data / "text", seed=1, block_size=4),
+            "pairs": ShardStream(data / "pairs", seed=2, block_size=3),
+        }
+        return TrainStream(
+            sources, tokenize, packing.Packer(seq_len=24, pad_id=0, buffer_size=3), batch_size=2, pad_id=0, seed=5
+        )
+
+    n = 8
+    full = take(StatefulDataLoader(build(), batch_size=None), n)
+    loader = StatefulDataLoader(build(), batch_size=None)
+    it = iter(loader)
+    head = [next(it) for _ in range(3)]
+    resumed = StatefulDataLoader(build(), batch_size=None)
+    resumed.load_state_dict(loader.state_dict())
+    for a, b in zip(full, head + take(resumed, n - 3)):
+        assert a["keys"] == b["keys"]
+        for name in ("input_ids", "labels", "position_ids", "document_ids"):
+            assert torch.equal(a[name], b[name]), name
+        assert (a["pixel_values"] is None) == (b["pixel_values"] is None)
+        assert a["pixel_values"] is None or torch.equal(a["pixel_values"], b["pixel_values"])
