@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from visprior.eval.mle_bench import format_mle_table
 from visprior.eval.results import format_table
 from visprior.eval.runner import TASKS, EvalOptions, EvaluationCallback, evaluate, parse_tasks
 
@@ -53,6 +54,9 @@ def test_every_task_writes_one_results_json(vlm, toyworld_dir, tmp_path):
         for m in body["metrics"].values():
             assert m["n"] > 0 and m["ci95"][0] <= m["value"] <= m["ci95"][1]
     assert "| mle_bench | gen/average |" in format_table(back)
+    table = format_mle_table(back).splitlines()
+    assert table[0] == "| MLE-Bench | small | medium | large | average |" and len(table) == 4
+    assert table[2].startswith("| letter (greedy) | ") and table[3].startswith("| likelihood | ")
 
 
 class _Stage(L.LightningModule):
@@ -66,6 +70,14 @@ class _Stage(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD([self.w], lr=0.1)
+
+
+def test_evaluate_restores_each_module_mode(vlm, toyworld_dir):
+    vlm.train()
+    vlm.vision_tower.eval()  # a frozen component, as the stages leave it
+    evaluate(vlm, "vqa", toyworld_dir, options=EvalOptions(limit=1))
+    assert vlm.language_model.training and not vlm.vision_tower.training
+    vlm.eval()
 
 
 def test_callback_logs_every_n_steps(vlm, toyworld_dir, tmp_path):

@@ -223,3 +223,15 @@ def evaluate_mle_bench(
     metrics["gen/answered"] = acc.accuracy("gen/answered")
     extra = {"examples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outputs))[:3]]}
     return TaskResult("mle_bench", dataset, metrics, time.perf_counter() - start, extra)
+
+
+def format_mle_table(results: dict) -> str:
+    """The MLE-Bench table as papers print it: one row per scoring (generated letter, likelihood), small / medium / large /
+    average in percent, from a `results.json` document."""
+    metrics = results["tasks"]["mle_bench"]["metrics"]
+    lines = ["| MLE-Bench | small | medium | large | average |", "|---|---:|---:|---:|---:|"]
+    for kind, label in (("gen", "letter (greedy)"), ("ll", "likelihood")):
+        cells = [metrics.get(f"{kind}/{c}") for c in ("small", "medium", "large", "average")]
+        if any(cells):
+            lines.append(f"| {label} | " + " | ".join(f"{100 * m['value']:.1f}" if m else "-" for m in cells) + " |")
+    return "\n".join(lines)

@@ -115,13 +115,14 @@ def evaluate(
     options = options or EvalOptions()
     names = parse_tasks(tasks)
     start = time.perf_counter()
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one: stages keep frozen parts in eval mode
     model.eval()
     try:
         with torch.no_grad():
             results = [TASKS[name](model, Path(data_dir), options) for name in names]
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     doc = results_dict(results, model=model_name, checkpoint=checkpoint, seed=options.seed,
                        wall_time_s=time.perf_counter() - start)  # fmt: skip
     if out_dir is not None:
