@@ -82,14 +82,13 @@ def _pad_id(model: nn.Module) -> int:
 
 
 class _StopOnStrings(StoppingCriteria):
-    """Per-row stop once any stop string appears in the text generated so far."""
+    """Per-row stop once any stop string appears in the generated text (with `inputs_embeds`, `input_ids` holds only it)."""
 
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_len: int):
-        self.tokenizer, self.stop, self.prompt_len = tokenizer, list(stop), prompt_len
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, list(stop)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        new = input_ids[:, self.prompt_len :] if input_ids.shape[1] > self.prompt_len else input_ids
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=False)
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
 
 
@@ -116,8 +115,8 @@ def generate(
 ) -> list[str]:
     """Continuations of full prompt strings (already chat-formatted), cut at the first stop string.
 
-    Rows are left-padded within a batch; sampling is seeded once per call so results do not depend on the batch size only
-    when decoding greedily.
+    Rows are left-padded within a batch, so greedy outputs do not depend on `batch_size`. Sampling seeds the global torch
+    generator once per call: repeatable for the same prompts and batch size.
     """
     images = images if images is not None else [[] for _ in prompts]
     device, pad = _device(model), _pad_id(model)
@@ -144,7 +143,7 @@ def generate(
             use_cache=use_cache,
             pad_token_id=pad,
             eos_token_id=tok.eos_token_id,
-            stopping_criteria=StoppingCriteriaList([_StopOnStrings(tok, stop, 0)]) if stop else None,
+            stopping_criteria=StoppingCriteriaList([_StopOnStrings(tok, stop)]) if stop else None,
             top_k=None,
             **sampling,
         )  # [B, new] (inputs_embeds only: transformers returns only new tokens)

@@ -134,7 +134,7 @@ class Accumulator:
         return mean_metric(v, w, seed=seed)
 
 
-def macro_average(metrics: list[Metric], *, seed: int = 0, draws: int = 1000) -> Metric:
+def macro_average(metrics: list[Metric]) -> Metric:
     """Unweighted mean of group metrics; interval from combining the groups' normal half-widths (independent groups)."""
     k = len(metrics)
     value = sum(m.value for m in metrics) / k
