@@ -8,7 +8,7 @@ resolves to its `checkpoints/last.ckpt` (the layout the trainer fragments write:
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PosixPath, WindowsPath
 
 import torch
 
@@ -16,6 +16,8 @@ from visprior.models.connectors import ConnectorSpec
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vision import VisionTowerSpec
 from visprior.models.vlm import VisionLanguageModel, VLMSpec, build_vlm
+from visprior.stages.init_from import InitFrom
+from visprior.training.checkpointing import safe_load
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -47,10 +49,22 @@ def _spec(hparams: dict) -> VLMSpec:
     )
 
 
-def load_vlm(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> VisionLanguageModel:
-    """The stage's `model` with its trained weights, in eval mode; every model weight must be in the checkpoint."""
+# Classes a VLM stage's hyper-parameters may hold; loading stays `weights_only=True` with these allow-listed.
+SAFE_GLOBALS = [VLMSpec, LanguageModelSpec, VisionTowerSpec, ConnectorSpec, InitFrom, PosixPath, WindowsPath]
+
+
+def load_vlm(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", trusted: bool = False
+) -> VisionLanguageModel:
+    """The stage's `model` with its trained weights, in eval mode; every model weight must be in the checkpoint.
+
+    Checkpoints load with `weights_only=True` (the spec classes allow-listed); `trusted=True` unpickles anything.
+    """
     ckpt_path = resolve_checkpoint(path)
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)  # our own file: hparams are dataclasses
+    if trusted:
+        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    else:
+        ckpt = safe_load(ckpt_path, map_location=map_location, safe_globals=SAFE_GLOBALS)
     model = build_vlm(_spec(ckpt.get("hyper_parameters", {})))
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     missing, _ = model.load_state_dict(state, strict=False)
