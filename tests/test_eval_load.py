@@ -63,3 +63,23 @@ def test_evaluate_demo_prints_the_mle_table(stage_ckpt, toyworld_dir, tmp_path, 
     assert out == tmp_path / "results.json" and out.exists()
     printed = capsys.readouterr().out
     assert "| MLE-Bench | small | medium | large | average |" in printed and "| likelihood |" in printed
+
+
+def test_visprior_eval_command_writes_results(stage_ckpt, toyworld_dir, tmp_path, capsys):
+    import json
+
+    from visprior.cli import main
+
+    _, run, _ = stage_ckpt
+    main(["eval", "--checkpoint", str(run), "--tasks", "mle_bench,vqa", "--limit", "2",
+          "--data", str(toyworld_dir), "--out", str(tmp_path)])  # fmt: skip
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["tasks"]) == {"mle_bench", "vqa"}
+    assert "MLE-Bench" in capsys.readouterr().out
+
+
+def test_visprior_eval_refuses_an_unknown_task_before_loading(tmp_path):
+    from visprior.cli import main
+
+    with pytest.raises(ValueError, match="unknown evaluation task"):
+        main(["eval", "--checkpoint", str(tmp_path / "nowhere.ckpt"), "--tasks", "mle_bench,vqq"])

@@ -26,6 +26,9 @@ Our own:
   data tokenizer --data DIR --out DIR [--vocab_size N]    train the toy BPE tokenizer on a toy world's corpora
   data convert llava-json|obelics|mmc4|img2dataset|text SRC [--images DIR] --out DIR   real datasets to shards
 
+Evaluation:
+  eval --checkpoint RUN_OR_CKPT [--tasks mle_bench,vqa,fewshot,caption,text,probe] [--data DIR] [--out DIR]
+
 Run `visprior <command> --help` for the options of one command.
 """
 
@@ -58,13 +61,21 @@ def run_data(argv: Sequence[str]) -> None:
 
     from visprior.data import commands
 
-    result = CLI(commands.DATA_COMMANDS, args=list(argv), as_positional=True)
+    result = CLI(commands.DATA_COMMANDS, args=list(argv), as_positional=True, prog="visprior data")
     if isinstance(result, dict):  # a converter's manifest: print what a user checks first
         keys = ("name", "num_samples", "converted", "skipped", "dropped_images")
         print(json.dumps({k: result.get(k) for k in keys}, indent=2, default=str))
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": run_data}
+def run_eval(argv: Sequence[str]) -> None:
+    from jsonargparse import CLI
+
+    from visprior.eval.command import evaluate_checkpoint
+
+    CLI(evaluate_checkpoint, args=list(argv), as_positional=False, prog="visprior eval")
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": run_data, "eval": run_eval}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,0 +1,52 @@
+"""`visprior eval`: load a VLM stage's checkpoint (or run directory), run the chosen tasks, print the tables, write results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visprior.eval.load import load_vlm, resolve_checkpoint
+from visprior.eval.mle_bench import format_mle_table
+from visprior.eval.results import format_table
+from visprior.eval.runner import EvalOptions, evaluate, parse_tasks
+
+
+def evaluate_checkpoint(
+    checkpoint: str,
+    tasks: str = "mle_bench,vqa,fewshot,caption,text",
+    data: str = "data/toyworld",
+    out: str | None = None,
+    limit: int | None = None,
+    mle_bench: str | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    model_name: str | None = None,
+) -> Path:
+    """Evaluate a checkpoint on the toy world's evaluation sets (or a local MLE-Bench copy) and write `results.json`.
+
+    Args:
+        checkpoint: a VLM stage's `.ckpt`, or its run directory (`<run>/checkpoints/last.ckpt` is taken).
+        tasks: comma-separated: mle_bench, vqa, fewshot, caption, text, probe.
+        data: toy world folder holding `eval/`.
+        out: folder for results.json; default `<run directory>/eval`.
+        limit: at most this many items per task.
+        mle_bench: a local MLE-Bench copy (imagefolder + metadata.jsonl, parquet files, or a save_to_disk folder).
+        batch_size: prompts per generation batch.
+        seed: for sampled shots and bootstrap intervals.
+        model_name: name recorded in results.json; default the checkpoint path.
+    """
+    names = parse_tasks(tasks)  # a typo fails before the model is loaded
+    ckpt = resolve_checkpoint(checkpoint)
+    out_dir = Path(out) if out else ckpt.parent.parent / "eval"
+    model = load_vlm(ckpt)
+    options = EvalOptions(limit=limit, batch_size=batch_size, seed=seed, mle_bench_path=mle_bench)
+    doc = evaluate(
+        model, names, data, out_dir, model_name=model_name or str(ckpt), checkpoint=str(ckpt), options=options
+    )
+    if "mle_bench" in doc["tasks"]:
+        print("\nMLE-Bench, accuracy %:\n" + format_mle_table(doc))
+    others = [t for t in doc["tasks"] if t != "mle_bench"]
+    if others:
+        print("\n" + format_table(doc, tasks=others))
+    results = out_dir / "results.json"
+    print(f"\nresults: {results}")
+    return results
