@@ -57,8 +57,8 @@ def source_names(sources: list[SourceSpec]) -> list[str]:
 class EpochWindowLoader(StatefulDataLoader):
     """A `StatefulDataLoader` over an infinite batch stream, seen through epochs of `batches_per_epoch` batches.
 
-    `iter()` returns the live iterator when there is one, so a new epoch continues the stream; after `load_state_dict` the
-    next `iter()` starts from the restored state as usual.
+    `iter()` yields the next `batches_per_epoch` batches of the live iterator, so a new epoch continues the stream; after
+    `load_state_dict` the next `iter()` starts from the restored state as usual.
     """
 
     def __init__(self, dataset: IterableDataset, batches_per_epoch: int, num_workers: int = 0, **kwargs: Any):
@@ -70,11 +70,11 @@ class EpochWindowLoader(StatefulDataLoader):
     def __len__(self) -> int:
         return self.batches_per_epoch
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         live = self._iterator is not None and not self._iterator._finished
-        if live and self.next_iter_state is None and not self._initial_iter_for_state_dict:
-            return self._iterator
-        return super().__iter__()
+        if not (live and self.next_iter_state is None and not self._initial_iter_for_state_dict):
+            super().__iter__()  # a fresh (or restored) iterator, kept in self._iterator
+        return itertools.islice(self._iterator, self.batches_per_epoch)
 
 
 class FixedBatches(IterableDataset):

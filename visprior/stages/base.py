@@ -9,6 +9,7 @@ even when Lightning calls `train()`. Subclasses build the model and implement `c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,22 @@ class StepOutput:
     """Documents / pairs / conversations in the batch."""
     images: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses (model specs, InitFrom) as plain dicts, so checkpoints load with `torch.load(weights_only=True)`."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def coerce(cls: type, value: Any) -> Any:
+    """A spec from YAML or from a checkpoint's plain hyper-parameters (`load_from_checkpoint`)."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 def component_of(name: str, components: list[str]) -> str | None:
@@ -94,7 +111,7 @@ class Stage(pl.LightningModule):
         """
         super().__init__()
         self.trainable = dict(trainable)
-        self.init_from = list(init_from or [])
+        self.init_from = [coerce(InitFrom, spec) for spec in init_from or []]
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps
@@ -109,6 +126,10 @@ class Stage(pl.LightningModule):
         self._configured = False
         self._last_time: float | None = None
         self._supervised_total = 0
+
+    def save_plain_hyperparameters(self, **hparams: Any) -> None:
+        """Record the constructor arguments as plain data (checkpoints stay loadable with `weights_only=True`)."""
+        self.save_hyperparameters({k: plain(v) for k, v in hparams.items()})
 
     # ------------------------------------------------------------------------------------------------ components
 

@@ -24,7 +24,7 @@ from torch import nn
 from visprior.data.packing import block_causal_mask
 from visprior.models.language import LanguageModelSpec, build_language_model
 from visprior.models.vision import VisionTowerSpec, build_vision_tower
-from visprior.stages.base import Stage, StepOutput
+from visprior.stages.base import Stage, StepOutput, coerce
 from visprior.stages.flops import flops_factor, transformer_flops_per_token
 
 
@@ -77,11 +77,19 @@ class ContrastivePretraining(Stage):
             weight_decay: AdamW decay for matrices.
             stage_args: the shared options of `Stage`.
         """
-        default = {"vision_tower": 1e-3, "text_encoder": 1e-3, "head": 1e-3}
-        super().__init__(
-            trainable=trainable if trainable is not None else default, weight_decay=weight_decay, **stage_args
+        vision_tower = coerce(VisionTowerSpec, vision_tower)
+        text_encoder = coerce(LanguageModelSpec, text_encoder)
+        trainable = trainable if trainable is not None else {"vision_tower": 1e-3, "text_encoder": 1e-3, "head": 1e-3}
+        super().__init__(trainable=trainable, weight_decay=weight_decay, **stage_args)
+        self.save_plain_hyperparameters(
+            vision_tower=vision_tower,
+            text_encoder=text_encoder,
+            loss=loss,
+            embed_dim=embed_dim,
+            trainable=trainable,
+            weight_decay=weight_decay,
+            **stage_args,
         )
-        self.save_hyperparameters()
         self.loss_name = loss
         tower = build_vision_tower(dataclasses.replace(vision_tower, feature_layer=-1))
         text, self.tokenizer = build_language_model(text_encoder)

@@ -11,6 +11,7 @@ from typing import Any
 
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vlm import VLMSpec
+from visprior.stages.base import coerce
 from visprior.stages.vision_language import VLMStage
 
 
@@ -31,9 +32,11 @@ class LanguagePretraining(VLMStage):
             weight_decay: AdamW decay for matrices.
             stage_args: the shared options of `Stage` (init_from, warmup_steps, peak_flops, ...).
         """
+        language_model = coerce(LanguageModelSpec, language_model)
+        trainable = trainable if trainable is not None else {"language_model": 3e-3}
         super().__init__(
-            VLMSpec(language_model=language_model),
-            trainable=trainable if trainable is not None else {"language_model": 3e-3},
-            weight_decay=weight_decay,
-            **stage_args,
+            VLMSpec(language_model=language_model), trainable=trainable, weight_decay=weight_decay, **stage_args
+        )
+        self.save_plain_hyperparameters(
+            language_model=language_model, trainable=trainable, weight_decay=weight_decay, **stage_args
         )

@@ -16,7 +16,7 @@ from visprior.models.connectors import ConnectorSpec
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vision import VisionTowerSpec
 from visprior.models.vlm import VisionLanguageModel, VLMSpec, build_vlm
-from visprior.stages.base import Stage, StepOutput
+from visprior.stages.base import Stage, StepOutput, coerce
 from visprior.stages.flops import flops_factor, transformer_flops_per_token
 
 
@@ -38,7 +38,6 @@ class VLMStage(Stage):
             stage_args: the shared options of `Stage` (trainable, init_from, warmup_steps, peak_flops, ...).
         """
         super().__init__(**stage_args)
-        self.save_hyperparameters()
         self.model = build_vlm(spec)
         self.tokenizer = self.model.tokenizer
         self.image_transform = self.model.image_transform
@@ -126,9 +125,16 @@ class VisionLanguagePretraining(VLMStage):
             trainable: component -> learning rate (default: the connector only at 1e-3, LLaVA's alignment stage).
             stage_args: the shared options of `Stage`.
         """
-        super().__init__(
-            VLMSpec(language_model, vision_tower, connector or ConnectorSpec()),
-            trainable=trainable if trainable is not None else {"connector": 1e-3},
+        language_model = coerce(LanguageModelSpec, language_model)
+        vision_tower = coerce(VisionTowerSpec, vision_tower)
+        connector = coerce(ConnectorSpec, connector) or ConnectorSpec()
+        trainable = trainable if trainable is not None else {"connector": 1e-3}
+        super().__init__(VLMSpec(language_model, vision_tower, connector), trainable=trainable, **stage_args)
+        self.save_plain_hyperparameters(
+            language_model=language_model,
+            vision_tower=vision_tower,
+            connector=connector,
+            trainable=trainable,
             **stage_args,
         )
 
@@ -152,8 +158,15 @@ class InstructionTuning(VLMStage):
             trainable: component -> learning rate (default: connector 1e-3 and language model 2e-4).
             stage_args: the shared options of `Stage`.
         """
-        super().__init__(
-            VLMSpec(language_model, vision_tower, connector or ConnectorSpec()),
-            trainable=trainable if trainable is not None else {"connector": 1e-3, "language_model": 2e-4},
+        language_model = coerce(LanguageModelSpec, language_model)
+        vision_tower = coerce(VisionTowerSpec, vision_tower)
+        connector = coerce(ConnectorSpec, connector) or ConnectorSpec()
+        trainable = trainable if trainable is not None else {"connector": 1e-3, "language_model": 2e-4}
+        super().__init__(VLMSpec(language_model, vision_tower, connector), trainable=trainable, **stage_args)
+        self.save_plain_hyperparameters(
+            language_model=language_model,
+            vision_tower=vision_tower,
+            connector=connector,
+            trainable=trainable,
             **stage_args,
         )
