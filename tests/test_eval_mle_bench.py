@@ -14,7 +14,14 @@ from PIL import Image
 
 from visprior.eval import mle_bench
 from visprior.eval.generate import OptionScore
-from visprior.eval.mle_bench import LEVELS, build_prompt, evaluate_mle_bench, extract_letter, load_mle_bench
+from visprior.eval.mle_bench import (
+    LEVELS,
+    build_prompt,
+    evaluate_mle_bench,
+    extract_letter,
+    format_mle_table,
+    load_mle_bench,
+)
 from visprior.eval.results import DatasetInfo
 
 CHOICES = ["cube", "ball", "cone", "ring"]
@@ -167,6 +174,54 @@ def test_readers_and_exact_accuracies(tmp_path, monkeypatch, writer):
     assert m["gen/answered"] == pytest.approx(8 / 12)
     assert m["ll/small"] == m["ll/medium"] == m["ll/large"] == 0.25
     assert res.metrics["gen/large"].n == 4
+
+
+def _image_blind_generate(model, prompts, images, **kw):
+    """Ignores the image: answers from the prompt text alone (the letter of the option 'cone' when offered, else B)."""
+    return [f"({'ABCD'[CHOICES.index('cone')]})" if "cone" in p else "B" for p in prompts]
+
+
+def _image_blind_scores(model, prompts, options, images, **kw):
+    """Ignores the image: prefers option text 'ring' (a shape prior)."""
+    return [[OptionScore(0.0 if c == "ring" else -1.0, 0.0 if c == "ring" else -1.0, 1) for c in o] for o in options]
+
+
+def test_blind_baseline_equals_score_of_a_model_that_ignores_the_image(tmp_path, monkeypatch):
+    path = write_imagefolder(tmp_path / "mle", _rows())
+    items = load_mle_bench(path)
+    monkeypatch.setattr(mle_bench, "generate", _image_blind_generate)
+    monkeypatch.setattr(mle_bench, "score_options", _image_blind_scores)
+    res = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)))
+    m = {k: v.value for k, v in res.metrics.items()}
+    for kind in ("gen", "ll"):
+        for c in ("small", "medium", "large", "average"):
+            assert m[f"blind/{kind}/{c}"] == m[f"{kind}/{c}"], (kind, c)
+    assert m["ll/average"] == 0.25 and m["gen/average"] == 0.25 and m["blind/gen/answered"] == 1.0
+
+
+def test_blind_baseline_shows_grey_images_and_can_be_switched_off(tmp_path, monkeypatch):
+    path = write_imagefolder(tmp_path / "mle", _rows())
+    items = load_mle_bench(path)
+    for it in items:
+        it.question += " level=large"
+    seen: list[set] = []
+
+    def scores_from_image(model, prompts, options, images, **kw):  # reads the gold index from the pixels
+        seen.append({im.getpixel((3, 3)) for (im,) in images} | {im.size for (im,) in images})
+        return [[OptionScore(0.0 if j == _gold_from_image(im) else -1.0, 0.0, 1) for j in range(4)] for (im,) in images]
+
+    monkeypatch.setattr(mle_bench, "generate", _scripted_generate)
+    monkeypatch.setattr(mle_bench, "score_options", scores_from_image)
+    res = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)))
+    m = {k: v.value for k, v in res.metrics.items()}
+    assert m["gen/average"] == 1.0 and m["blind/gen/average"] == 0.25  # grey reads as gold C: right 1 in 4
+    assert seen[1] == {mle_bench.BLIND_GREY, (8, 8)}  # a uniform grey image of the original size
+    table = format_mle_table({"tasks": {"mle_bench": {"metrics": {k: {"value": v} for k, v in m.items()}}}})
+    rows = table.splitlines()
+    assert len(rows) == 6 and rows[4].startswith("| blind letter (grey image) | ")
+    assert rows[5] == "| blind likelihood (grey image) | 25.0 | 25.0 | 25.0 | 25.0 |"
+    off = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)), blind_baseline=False)
+    assert not any(k.startswith("blind/") for k in off.metrics) and len(seen) == 3
 
 
 def test_random_answers_score_near_chance(monkeypatch):

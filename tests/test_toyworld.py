@@ -152,6 +152,55 @@ def test_mle_schema_letters_and_distractors(toyworld_dir: Path) -> None:
         assert max(letters.values()) - min(letters[i] for i in range(4)) <= (0 if n % 4 == 0 else 1), (level, letters)
 
 
+def test_mle_answer_shapes_balanced_and_uninformative(toyworld_dir: Path) -> None:
+    """Per level: every feasible shape is the answer equally often (±1), and is the answer in the same share of the
+    questions that offer it, so a model that ignores the image cannot beat 25 % from shape priors."""
+    world = json.loads((toyworld_dir / "world.json").read_text())
+    excluded = world["mle_excluded_shapes"]
+    assert excluded == {"existence_0-30": [], "existence_30-60": [], "existence_60-100": ["ring"]}
+    shapes = world["vocabulary"]["shapes"]
+    records = _mle_records(toyworld_dir)
+    for level in MLE_LEVELS:
+        rows = [r for r in records if r["sub_task"] == level]
+        feasible = [s for s in shapes if s not in excluded[level]]
+        answers = Counter(r["answer"] for r in rows)
+        offered = Counter(c for r in rows for c in r["choices"])
+        assert set(answers) == set(feasible) and set(offered) == set(feasible), (level, answers, offered)
+        assert max(answers.values()) - min(answers.values()) <= 1, (level, answers)
+        rates = {s: answers[s] / offered[s] for s in feasible}
+        assert max(rates.values()) - min(rates.values()) <= 0.02, (level, rates)
+        assert all(abs(v - 0.25) <= 0.02 for v in rates.values()), (level, rates)
+
+
+def test_mle_ring_cannot_reach_the_large_level() -> None:
+    """The exclusion recomputed at the render resolution: a centred ring of any radius covers < 60 % + margin."""
+    from visprior.data.toyworld.mle import MARGIN, feasible_shapes
+    from visprior.data.toyworld.render import coverage_mask
+    from visprior.data.toyworld.world import Obj
+
+    best = max(
+        coverage_mask(Obj("ring", "red", "large", 0.5, 0.5, r / 100, (0, 0, 0)), 128).mean() for r in range(20, 120)
+    )
+    assert 0.55 < best < 0.6 + MARGIN
+    assert "ring" not in feasible_shapes("existence_60-100") and "ring" in feasible_shapes("existence_30-60")
+
+
+@pytest.mark.parametrize("n", [32, 33, 200, 203])
+def test_mle_choice_design_is_exact(n: int) -> None:
+    import random
+
+    from visprior.data.toyworld.mle import design_choices
+
+    for shapes in (("a", "b", "c", "d", "e", "f", "g", "h"), ("a", "b", "c", "d", "e", "f", "g")):
+        design = design_choices(random.Random(n), shapes, n)
+        assert len(design) == n
+        answers = Counter(a for a, _ in design)
+        distractors = Counter(d for _, ds in design for d in ds)
+        assert max(answers.values()) - min(answers.values()) <= 1
+        assert all(a not in ds and len(set(ds)) == 3 for a, ds in design)
+        assert {s: 3 * answers[s] for s in shapes} == dict(distractors)
+
+
 def test_mle_levels_match_pixel_counted_area(toyworld_dir: Path) -> None:
     """The target's colour is unique in the image, so counting pixels of that colour measures its visible area."""
     for r in _mle_records(toyworld_dir):

@@ -7,6 +7,11 @@ models rarely follow the letter format, a likelihood-scored variant (the option 
 reported beside it. Readers: HF `save_to_disk` folders (arrow IPC streams), parquet files, and imagefolder + metadata.jsonl
 (the toy world's layout).
 
+Blind baseline (`blind_baseline=True`, the default): the same items scored again with every image replaced by a uniform
+grey image of the same size, reported as `blind/gen/*` and `blind/ll/*`. The gap between a score and its blind twin is
+what the image contributed; a blind score away from 25 % means the model exploits priors over the options' text. It
+doubles the cost, so it can be switched off.
+
 Deliberate difference from lmms-eval's `_extract_answer_letter`: it takes the *first* letter-like match, so "A or B" counts as
 A; here an output naming two different letters is no answer. Well-formed answers ("A", "(A)", "A.", "The answer is A",
 "Option A") are read identically, so numbers stay comparable for models that follow the format.
@@ -34,6 +39,7 @@ from visprior.eval.results import Accumulator, DatasetInfo, TaskResult, macro_av
 LETTERS = "ABCD"
 LEVELS = {"existence_0-30": "small", "existence_30-60": "medium", "existence_60-100": "large"}
 POST_PROMPT = "Answer with the option's letter from the given choices directly."
+BLIND_GREY = (128, 128, 128)
 
 
 @dataclass
@@ -191,6 +197,37 @@ def _is_article(text: str, m: re.Match) -> bool:
 # --------------------------------------------------------------------------------------------------------- evaluation
 
 
+def blind_image(image: Image.Image) -> Image.Image:
+    """A uniform grey image of `image`'s size: what the blind baseline shows the model instead."""
+    return Image.new("RGB", image.size, BLIND_GREY)
+
+
+def _score(
+    model: nn.Module,
+    items: Sequence[MLEItem],
+    prompts: list[str],
+    images: list[list[Image.Image]],
+    acc: Accumulator,
+    prefix: str,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    likelihood: bool,
+    seed: int,
+) -> list[str]:
+    """Add `{prefix}gen/<level>`, `{prefix}gen/answered` and (optionally) `{prefix}ll/<level>` to `acc`; return outputs."""
+    outputs = generate(model, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    for it, out in zip(items, outputs):
+        letter = extract_letter(out, it.choices)
+        acc.update(f"{prefix}gen/{it.level}", float(letter == LETTERS[it.gold]))
+        acc.update(f"{prefix}gen/answered", float(letter is not None))
+    if likelihood:
+        scores = score_options(model, prompts, [list(it.choices) for it in items], images, batch_size=batch_size)
+        for it, s in zip(items, scores):
+            acc.update(f"{prefix}ll/{it.level}", float(pick_option(s) == it.gold))
+    return outputs
+
+
 def evaluate_mle_bench(
     model: nn.Module,
     items: Sequence[MLEItem],
@@ -199,38 +236,50 @@ def evaluate_mle_bench(
     batch_size: int = 8,
     max_new_tokens: int = 16,
     likelihood: bool = True,
+    blind_baseline: bool = True,
     seed: int = 0,
 ) -> TaskResult:
-    """Accuracy per level (small / medium / large) and their macro average, generated and (optionally) likelihood-scored."""
+    """Accuracy per level (small / medium / large) and their macro average, generated and (optionally) likelihood-scored.
+
+    With `blind_baseline`, the same metrics again under `blind/` with every image replaced by a uniform grey one.
+    """
     start = time.perf_counter()
     prompts = [chat_prompt(build_prompt(it)) for it in items]
-    images = [[it.image] for it in items]
-    outputs = generate(model, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    kw = dict(batch_size=batch_size, max_new_tokens=max_new_tokens, likelihood=likelihood, seed=seed)
     acc = Accumulator()
-    for it, out in zip(items, outputs):
-        letter = extract_letter(out, it.choices)
-        acc.update(f"gen/{it.level}", float(letter == LETTERS[it.gold]))
-        acc.update("gen/answered", float(letter is not None))
-    if likelihood:
-        scores = score_options(model, prompts, [[c for c in it.choices] for it in items], images, batch_size=batch_size)
-        for it, s in zip(items, scores):
-            acc.update(f"ll/{it.level}", float(pick_option(s) == it.gold))
+    outputs = _score(model, items, prompts, [[it.image] for it in items], acc, "", **kw)
+    prefixes = [""]
+    if blind_baseline:
+        _score(model, items, prompts, [[blind_image(it.image)] for it in items], acc, "blind/", **kw)
+        prefixes.append("blind/")
     metrics = {}
-    for kind in ("gen", "ll") if likelihood else ("gen",):
-        per_level = {lvl: acc.accuracy(f"{kind}/{lvl}") for lvl in LEVELS.values() if f"{kind}/{lvl}" in acc.names()}
-        metrics.update({f"{kind}/{lvl}": m for lvl, m in per_level.items()})
-        metrics[f"{kind}/average"] = macro_average(list(per_level.values()))
-    metrics["gen/answered"] = acc.accuracy("gen/answered")
+    for prefix in prefixes:
+        for kind in ("gen", "ll") if likelihood else ("gen",):
+            name = f"{prefix}{kind}"
+            per_level = {
+                lvl: acc.accuracy(f"{name}/{lvl}") for lvl in LEVELS.values() if f"{name}/{lvl}" in acc.names()
+            }
+            metrics.update({f"{name}/{lvl}": m for lvl, m in per_level.items()})
+            metrics[f"{name}/average"] = macro_average(list(per_level.values()))
+        metrics[f"{prefix}gen/answered"] = acc.accuracy(f"{prefix}gen/answered")
     extra = {"examples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outputs))[:3]]}
     return TaskResult("mle_bench", dataset, metrics, time.perf_counter() - start, extra)
 
 
+MLE_TABLE_ROWS = (
+    ("gen", "letter (greedy)"),
+    ("ll", "likelihood"),
+    ("blind/gen", "blind letter (grey image)"),
+    ("blind/ll", "blind likelihood (grey image)"),
+)
+
+
 def format_mle_table(results: dict) -> str:
     """The MLE-Bench table as papers print it: one row per scoring (generated letter, likelihood), small / medium / large /
-    average in percent, from a `results.json` document."""
+    average in percent, from a `results.json` document; then the blind-baseline rows (grey image) when they were run."""
     metrics = results["tasks"]["mle_bench"]["metrics"]
     lines = ["| MLE-Bench | small | medium | large | average |", "|---|---:|---:|---:|---:|"]
-    for kind, label in (("gen", "letter (greedy)"), ("ll", "likelihood")):
+    for kind, label in MLE_TABLE_ROWS:
         cells = [metrics.get(f"{kind}/{c}") for c in ("small", "medium", "large", "average")]
         if any(cells):
             lines.append(f"| {label} | " + " | ".join(f"{100 * m['value']:.1f}" if m else "-" for m in cells) + " |")

@@ -38,6 +38,9 @@ class EvalOptions:
     shots: Sequence[int] = SHOTS
     mle_bench_path: str | None = None
     """A local MLE-Bench copy (imagefolder, parquet or save_to_disk); default: the toy world's `eval/mle_bench`."""
+    blind_baseline: bool = True
+    """Also score MLE-Bench with grey images (`blind/*` metrics), to show how much of the score is the image; doubles its
+    cost."""
     caption_prompt: str | None = None
     """None: a chat instruction; "<image>" for a pre-trained (non-SFT) model."""
 
@@ -47,7 +50,9 @@ def _mle(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
     items = load_mle_bench(path)
     items = balanced_subset(items, o.limit) if o.limit else items
     info = DatasetInfo.of("mle_bench" if o.mle_bench_path else "toyworld-mle_bench", path, len(items))
-    return evaluate_mle_bench(model, items, dataset=info, batch_size=o.batch_size, seed=o.seed)
+    return evaluate_mle_bench(
+        model, items, dataset=info, batch_size=o.batch_size, seed=o.seed, blind_baseline=o.blind_baseline
+    )
 
 
 def _vqa(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:

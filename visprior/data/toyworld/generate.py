@@ -18,7 +18,7 @@ from visprior.data.shards import write_shards
 from visprior.data.toyworld import datasets as ds
 from visprior.data.toyworld.corpora import CATEGORIES
 from visprior.data.toyworld.describe import QUESTION_TYPES
-from visprior.data.toyworld.mle import LEVELS, write_mle_bench
+from visprior.data.toyworld.mle import LEVELS, excluded_shapes, write_mle_bench
 from visprior.data.toyworld.world import SHAPES, vocabulary
 
 
@@ -126,6 +126,7 @@ def generate(out_dir: str | Path, preset: str = "toy", seed: int = 0) -> dict[st
         "text_categories": list(CATEGORIES),
         "question_types": list(QUESTION_TYPES),
         "mle_levels": {k: list(v) for k, v in LEVELS.items()},
+        "mle_excluded_shapes": excluded_shapes(),
         "shape_labels": list(SHAPES),
         "counts": counts,
     }
