@@ -81,3 +81,20 @@ def test_sigkill_after_checkpoint_then_resume(tmp_path: Path, reference: dict, w
     assert second["losses"] == {k: v for k, v in reference["losses"].items() if int(k) >= 4}
     assert second["seen"] == {k: v for k, v in reference["seen"].items() if int(k) >= 4}
     assert second["weight"] == reference["weight"]
+
+
+@pytest.mark.distributed
+def test_ddp_signal_to_one_rank_stops_both_at_the_same_step(tmp_path: Path) -> None:
+    """SIGTERM reaches rank 0 only; the all-reduced flag stops rank 1 at the same step, and resume is exact."""
+    (tmp_path / "ref").mkdir()
+    ref = run(tmp_path / "ref", "full", "--devices", "2")
+    proc = launch(tmp_path, "first", "--devices", "2", "--pause-at", str(K))
+    wait_for(tmp_path / "paused", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    first = {r: json.loads((tmp_path / f"losses-first{r}.json").read_text()) for r in ("", "-rank1")}
+    assert first[""]["stopped_at"] == first["-rank1"]["stopped_at"] == K + 1
+    second = run(tmp_path, "second", "--devices", "2", "--resume")
+    assert {**first[""]["losses"], **second["losses"]} == ref["losses"]
+    assert second["weight"] == ref["weight"]

@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--slow-save-after", type=int, default=-1)
     ap.add_argument("--no-scheduler", action="store_true")
     ap.add_argument("--naive-io", action="store_true")
+    ap.add_argument("--devices", type=int, default=1, help="2: DDP on gloo, two CPU processes")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -101,7 +102,8 @@ def main() -> None:
         default_root_dir=args.root,
         max_steps=args.max_steps,
         accelerator="cpu",
-        devices=1,
+        devices=args.devices,
+        strategy="ddp" if args.devices > 1 else "auto",
         plugins=[NaiveIO() if args.naive_io else AtomicCheckpointIO()],
         callbacks=callbacks,
         logger=False,
@@ -115,7 +117,9 @@ def main() -> None:
     out = {"losses": {str(k): v for k, v in model.losses.items()}, "seen": {str(k): v for k, v in model.seen.items()}}
     out["weight"] = model.linear.weight.detach().flatten().tolist() + model.linear.bias.detach().tolist()
     out["stopped_by_preemption"] = preemption.saved_path
-    (args.root / f"losses-{args.tag}.json").write_text(json.dumps(out))
+    out["stopped_at"] = trainer.global_step
+    suffix = "" if trainer.global_rank == 0 else f"-rank{trainer.global_rank}"
+    (args.root / f"losses-{args.tag}{suffix}.json").write_text(json.dumps(out))
 
 
 if __name__ == "__main__":

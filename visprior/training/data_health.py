@@ -49,6 +49,7 @@ class DataHealthCallback(Callback):
         self.filename = filename
         self.totals: Skips = {}
         self.batches = 0
+        self._path: str | None = None
 
     @property
     def state_key(self) -> str:
@@ -79,13 +80,17 @@ class DataHealthCallback(Callback):
         return merged
 
     def output_path(self, trainer: pl.Trainer) -> str:
-        """``data_skips.json`` in the logger's folder, else the trainer's root folder."""
+        """``data_skips.json`` in the logger's folder, else the trainer's root folder.
+
+        ``trainer.log_dir`` broadcasts under DDP, so every rank must call this (calling it on rank 0 only hung the run).
+        """
         folder = trainer.log_dir or trainer.default_root_dir
         return os.path.join(folder, self.filename)
 
     def write(self, trainer: pl.Trainer, when: str, collective: bool = True) -> Skips:
         """Write the totals (and a summary line at epoch ends) on rank 0; returns what was written."""
         totals = self.global_totals() if collective else self.totals
+        path = self._path or os.path.join(trainer.default_root_dir, self.filename)
         if trainer.is_global_zero:
             payload = {
                 "when": when,
@@ -94,8 +99,11 @@ class DataHealthCallback(Callback):
                 "by_reason": by_reason(totals),
                 "by_source": totals,
             }
-            atomic_write_text(self.output_path(trainer), json.dumps(payload, indent=2, sort_keys=True))
+            atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True))
         return totals
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._path = self.output_path(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         totals = self.write(trainer, "epoch_end")
