@@ -52,16 +52,20 @@ class ExactLoaderResume(Callback):
         self._current: list[dict[str, Any]] | None = None
         self._wrapped: _SnapshotIterator | None = None
 
-    def _ensure_wrapped(self, trainer: pl.Trainer, where: str) -> None:
+    def _ensure_wrapped(self, trainer: pl.Trainer, where: str) -> bool:
+        """Wrap the fetcher's iterator if it is a new one; returns whether it wrapped."""
         fetcher = trainer.fit_loop._data_fetcher
         if fetcher is None or fetcher.iterator is None or fetcher.iterator is self._wrapped:
-            return
+            return False
         buffered = len(getattr(fetcher, "batches", []))
         if buffered > 1 or (buffered and where == "batch_start"):
+            # a new iterator made after our hooks ran (a finite loader's later epoch): the batch in training was
+            # fetched unobserved, so its checkpointed position may be one batch ahead
             log.warning("ExactLoaderResume: %d batches fetched before wrapping; data position may be ahead", buffered)
         self._pending = deque(loader_states(trainer) for _ in range(buffered))
         self._wrapped = _SnapshotIterator(fetcher.iterator, self, trainer)
         fetcher.iterator = self._wrapped
+        return True
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._current, self._wrapped = None, None
@@ -73,8 +77,10 @@ class ExactLoaderResume(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._ensure_wrapped(trainer, "batch_start")
-        self._current = self._pending.popleft() if self._pending else loader_states(trainer)
+        if self._ensure_wrapped(trainer, "batch_start") or not self._pending:
+            self._current = loader_states(trainer)
+        else:
+            self._current = self._pending.popleft()
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
