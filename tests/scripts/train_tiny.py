@@ -30,13 +30,13 @@ from visprior.training.preemption import PreemptionCallback  # noqa: E402
 
 
 class Pause(pl.Callback):
-    """Waits at the start of step ``at`` until the preemption flag is set (or a kill arrives)."""
+    """Rank 0 waits at the start of step ``at`` until the preemption flag is set (or a kill arrives)."""
 
     def __init__(self, root: Path, at: int, preemption: PreemptionCallback) -> None:
         self.root, self.at, self.preemption = root, at, preemption
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step != self.at:
+        if trainer.global_step != self.at or trainer.global_rank != 0:  # other ranks wait in DDP's all-reduce
             return
         (self.root / "paused").write_text(str(self.at))
         deadline = time.monotonic() + 120
