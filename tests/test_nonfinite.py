@@ -111,3 +111,19 @@ def test_two_then_good_resets_the_streak(tmp_path: Path) -> None:
 def test_without_guard_a_nan_loss_raises(tmp_path: Path) -> None:
     with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 1; batch keys: \['b1-s0'"):
         fit(tmp_path, 3, TinyModule(scheduler=False), [], nan_at=(1,))
+
+
+class PlainLossModule(TinyModule):
+    """A stage that returns its loss without ``skip_nonfinite``: the gradient check must still catch a NaN batch."""
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self.linear(batch["x"]).squeeze(-1), batch["y"])
+
+
+def test_nan_loss_without_helper_is_caught_by_the_gradient_check(tmp_path: Path) -> None:
+    guard, snaps = NonFiniteGuard(max_consecutive=2), Snapshots()
+    model = PlainLossModule(scheduler=False)
+    fit(tmp_path, 4, model, [guard, snaps], nan_at=(1,))
+    assert guard.total_skipped == 1
+    assert_same(snaps.before[1], snaps.after[1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
