@@ -89,8 +89,6 @@ class Stage(pl.LightningModule):
         grad_clip: float | None = 1.0,
         peak_flops: float | None = None,
         activation_checkpointing: bool = False,
-        fsdp_param_dtype: str = "bfloat16",
-        fsdp_reduce_dtype: str = "float32",
     ):
         """
         Args:
@@ -105,9 +103,8 @@ class Stage(pl.LightningModule):
             min_lr_ratio: learning rate at the end of the cosine, as a fraction of the peak.
             grad_clip: max global gradient norm (None: no clipping); also applied under FSDP2, where Lightning's own is refused.
             peak_flops: the hardware's peak FLOP/s for MFU (e.g. 989e12 for an H100 bf16 dense); None: MFU not logged.
-            activation_checkpointing: recompute each transformer block in backward (applied by `configure_model`).
-            fsdp_param_dtype: FSDP2 compute dtype of parameters (only under `ModelParallelStrategy`).
-            fsdp_reduce_dtype: FSDP2 dtype of gradient reduction.
+            activation_checkpointing: recompute each transformer block in backward (without FSDP2; under
+                `FSDP2Strategy` its own `activation_checkpointing` decides, with its precision policy).
         """
         super().__init__()
         self.trainable = dict(trainable)
@@ -120,8 +117,6 @@ class Stage(pl.LightningModule):
         self.grad_clip = grad_clip
         self.peak_flops = peak_flops
         self.activation_checkpointing = activation_checkpointing
-        self.fsdp_param_dtype = fsdp_param_dtype
-        self.fsdp_reduce_dtype = fsdp_reduce_dtype
         self._initialised = False
         self._configured = False
         self._last_time: float | None = None
@@ -195,10 +190,16 @@ class Stage(pl.LightningModule):
         if self._configured:
             return
         self._configured = True
-        from visprior.stages.parallelize import parallelize
+        from visprior.stages.parallelize import FSDP2Strategy, parallelize
 
-        mesh = self.device_mesh if self._trainer is not None else None
-        parallelize(self.model, mesh, self.activation_checkpointing, self.fsdp_param_dtype, self.fsdp_reduce_dtype)
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):  # wrapping policy and precision come from the trainer fragment
+            ac, dtypes = strategy.activation_checkpointing, (strategy.param_dtype, strategy.reduce_dtype)
+            parallelize(self.model, self.device_mesh, ac, *dtypes)
+        elif self.device_mesh is not None:  # Lightning's ModelParallelStrategy used directly: FSDP2 with bf16 defaults
+            parallelize(self.model, self.device_mesh, self.activation_checkpointing)
+        else:
+            parallelize(self.model, None, self.activation_checkpointing)
 
     def on_fit_start(self) -> None:
         self.train()

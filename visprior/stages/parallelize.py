@@ -74,9 +74,19 @@ class FSDP2Strategy(ModelParallelStrategy):
     parallelism on one node; our stages only shard (FSDP2), so every process is a data-parallel replica.
     """
 
-    def __init__(self, save_distributed_checkpoint: bool = True, process_group_backend: str | None = None):
+    def __init__(
+        self,
+        param_dtype: str = "bfloat16",
+        reduce_dtype: str = "float32",
+        activation_checkpointing: bool = False,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+    ):
         """
         Args:
+            param_dtype: FSDP2 compute dtype of parameters (`MixedPrecisionPolicy.param_dtype`); fp32 copies are kept.
+            reduce_dtype: dtype of the gradient reduce-scatter.
+            activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute).
             save_distributed_checkpoint: a sharded checkpoint folder (fast at scale) instead of one consolidated file.
             process_group_backend: `nccl` on GPUs, `gloo` on CPU (None: chosen from the accelerator).
         """
@@ -86,6 +96,9 @@ class FSDP2Strategy(ModelParallelStrategy):
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
         )
+        self.param_dtype = param_dtype
+        self.reduce_dtype = reduce_dtype
+        self.activation_checkpointing = activation_checkpointing
 
     def setup_environment(self) -> None:
         self._data_parallel_size = self.num_nodes * self.num_processes
