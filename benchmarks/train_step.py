@@ -3,7 +3,7 @@
 Both loops run the same model (same initial weights), the same batch and the same optimizer (AdamW foreach, the stage's
 per-component groups and schedule) with threads pinned, so their ratio is the framework's overhead. MFU is the model
 FLOP/s (`VLMStage.flops_per_token`: 6·N per trained parameter and token plus the attention term) over the fp32 matmul
-FLOP/s measured on this CPU just before. Padding is measured on the real pipeline (toy SFT conversations through
+FLOP/s measured on this CPU (best of before and after the loops). Padding is measured on the real pipeline (toy SFT conversations through
 `TrainStream`), packed and one-sample-per-row. Prints the figures and writes benchmarks/results/train_step.json.
 
     python benchmarks/train_step.py [--data data/toyworld] [--steps 8] [--rounds 2] [--threads 2]
@@ -15,6 +15,7 @@ import argparse
 import copy
 import json
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -183,6 +184,7 @@ def main() -> None:
         bare += bare_loop(stage, batch, args.steps + 1)[1:]  # first step warms the allocator
         stage = copy.deepcopy(template)
         light += lightning_loop(stage, batch, args.steps)
+    peak = max(peak, matmul_flops())  # before and after: a busy neighbour during one measurement would inflate MFU
     bare_s, light_s = statistics.median(bare), statistics.median(light)
     tokens = ROWS * SEQ_LEN
     model_flops = template.flops_per_token(batch) * tokens
@@ -209,6 +211,7 @@ def main() -> None:
         "padding_sft_packed": padding(args.data, tokenizer, template, packed=True),
         "padding_sft_unpacked": padding(args.data, tokenizer, template, packed=False),
         "load_average": os.getloadavg(),
+        "cpu": platform.processor() or platform.machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
