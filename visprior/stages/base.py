@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from visprior.stages.init_from import InitFrom, apply_init_from
+from visprior.training.nonfinite import skip_nonfinite
 
 
 @dataclass
@@ -248,7 +249,7 @@ class Stage(pl.LightningModule):
         """Model FLOPs per processed token (forward + backward); stages refine this. 0: MFU not logged."""
         return 0.0
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         out = self.compute_loss(batch)
         self._supervised_total += out.supervised
         bs = max(out.samples, 1)
@@ -266,7 +267,7 @@ class Stage(pl.LightningModule):
             if self.peak_flops and fpt:
                 self.log("train/mfu", fpt * out.tokens / dt / self.peak_flops, batch_size=bs)
         self._last_time = now
-        return out.loss
+        return skip_nonfinite(self, out.loss, batch)  # None (a skipped step) when the loss is not finite on any rank
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visprior"] = {"supervised_tokens": self._supervised_total}
