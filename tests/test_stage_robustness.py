@@ -1,0 +1,378 @@
+"""Issue 6 on the real stages: `visprior fit` on recipes/_base/stages/{align,sft}.yaml (trainer fragment with all the
+robustness callbacks), smoke toy world, tiny models. Signals and kills with bit-exact resume, bad data through the real
+loader, DDP with unequal shards, NaN losses, and bad configs that must fail before the first step.
+
+Runs go through tests/scripts/stage_fit.py, which calls the CLI in a subprocess with a recording callback (per-step losses
+as Python floats, sample keys, trainable-parameter checksums)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tests" / "scripts" / "stage_fit.py"
+N = 8
+
+TINY = """
+trainer:
+  max_steps: {steps}
+  val_check_interval: null
+  limit_val_batches: 0
+  log_every_n_steps: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+  deterministic: true
+model:
+  init_args:
+    language_model:
+      tokenizer: data/toyworld/tokenizer
+      config: {{model_type: llama, hidden_size: 64, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4,
+               intermediate_size: 128, tie_word_embeddings: true}}
+    vision_tower:
+      feature_layer: -1
+      config: {{model_type: siglip_vision_model, image_size: 64, patch_size: 16, hidden_size: 64, num_hidden_layers: 2,
+               num_attention_heads: 4, intermediate_size: 128, vision_use_head: false}}
+    warmup_steps: 2
+data:
+  init_args:
+    batch_size: 2
+    seq_len: {seq_len}
+    packing: true
+    batches_per_epoch: 4
+    pack_buffer: 8
+"""
+
+
+def workdir(root: Path, toyworld: Path, steps: int = N, seq_len: int = 96) -> Path:
+    """A run folder like a user's checkout: recipes/ and data/toyworld as symlinks, plus the tiny-model overrides."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    for link, target in ((root / "data" / "toyworld", toyworld), (root / "recipes", REPO / "recipes")):
+        if not link.exists():
+            os.symlink(target, link)
+    (root / "tiny.yaml").write_text(TINY.format(steps=steps, seq_len=seq_len))
+    return root
+
+
+def command(stage: str, *cli: str, record: str = "rec.json", **probe: object) -> list[str]:
+    own = [f"--{k.replace('_', '-')}={v}" for k, v in probe.items()]
+    own = [part for item in own for part in item.split("=", 1)]
+    return [
+        sys.executable,
+        str(SCRIPT),
+        "--record",
+        record,
+        *own,
+        "--",
+        "fit",
+        "--config",
+        f"recipes/_base/stages/{stage}.yaml",
+        "--config",
+        "tiny.yaml",
+        *cli,
+    ]
+
+
+def launch(root: Path, cmd: list[str]) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(root: Path, cmd: list[str], ok: bool = True, timeout: float = 240) -> str:
+    proc = launch(root, cmd)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s (hang?):\n{out[-4000:]}")
+    assert (proc.returncode == 0) == ok, out[-6000:]
+    return out
+
+
+def record(root: Path, name: str = "rec.json") -> dict:
+    return json.loads((root / name).read_text())
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-4000:]
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def checkpoints(root: Path) -> list[Path]:
+    return sorted((root / "runs").rglob("*.ckpt")) if (root / "runs").exists() else []
+
+
+# ------------------------------------------------------------------------------------------- 1. signals, kills, resume
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_align_stage_sigterm_and_sigkill_resume_bit_exact(toyworld_dir, tokenizer_dir, tmp_path, workers):
+    """Reference: 8 steps. Interrupted: SIGTERM at step 3 (saves last.ckpt at 4, exit 0); relaunch, SIGKILL at the start
+    of step 7 (last checkpoint: the every-2-steps one at 6); relaunch to 8. Same command each time."""
+    cli = (f"--data.init_args.num_workers={workers}",)
+    ref = workdir(tmp_path / "reference", toyworld_dir)
+    run(ref, command("align", *cli, ckpt_every=2))
+    reference = record(ref)
+    assert sorted(map(int, reference["losses"])) == list(range(N))
+    assert all(isinstance(v, float) for v in reference["losses"].values())
+
+    root = workdir(tmp_path / "interrupted", toyworld_dir)
+    proc = launch(root, command("align", *cli, ckpt_every=2, record="a.json", pause_at=3))
+    wait_for(root / "a.json.paused", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    assert "preemption (SIGTERM)" in out
+    a = record(root, "a.json")
+    assert sorted(map(int, a["losses"])) == [0, 1, 2, 3]
+    last = root / "runs/align/run/checkpoints/last.ckpt"
+    import torch
+
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+
+    proc = launch(root, command("align", *cli, ckpt_every=2, record="b.json", pause_at=7))
+    wait_for(root / "b.json.paused", proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    b = record(root, "b.json")
+    assert sorted(map(int, b["losses"])) == [4, 5, 6]
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+
+    run(root, command("align", *cli, ckpt_every=2, record="c.json"))
+    c = record(root, "c.json")
+    assert sorted(map(int, c["losses"])) == [6, 7]  # step 6 trained again after the kill
+    assert b["losses"]["6"] == c["losses"]["6"] == reference["losses"]["6"]
+    for field in ("losses", "keys", "params"):
+        merged = {**a[field], **b[field], **c[field]}
+        assert merged == reference[field], field  # floats compared exactly
+
+
+# ------------------------------------------------------------------------------------------- 2. bad data
+
+
+def rewrite_tar(path: Path, edit) -> None:
+    """Rewrite a plain tar, member by member: `edit(name, data)` returns new bytes (or the same)."""
+    with tarfile.open(path) as tf:
+        items = [(m, tf.extractfile(m).read()) for m in tf.getmembers() if m.isfile()]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for member, data in items:
+            data = edit(member.name, data)
+            member.size = len(data)
+            tf.addfile(member, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def member(path: Path, suffix: str, index: int = 0) -> str:
+    """The name of the `index`-th member of `path` ending in `suffix`."""
+    with tarfile.open(path) as tf:
+        return [m.name for m in tf.getmembers() if m.name.endswith(suffix)][index]
+
+
+def bad_datasets(toyworld: Path, out: Path) -> tuple[Path, Path]:
+    """A conversation set (bad PNG, bad JSON, extra <image> mark, too long, truncated shard) and a pair set (empty text)."""
+    from visprior.data.formats import ConversationSample
+    from visprior.data.shards import iter_samples, read_manifest, resolve_shards, write_shards
+
+    convs = list(iter_samples(resolve_shards(toyworld / "sft"), "conversation"))[:36]
+    long = convs[0]
+    convs[0] = ConversationSample(
+        long.key, [long.conversations[0], {"from": "gpt", "value": "red circle " * 400}], long.images
+    )
+    write_shards(convs, out / "convs", name="convs", kind="conversation", maxcount=12)
+    shards = [out / "convs" / s["path"] for s in read_manifest(out / "convs")["shards"]]
+    bad_png = member(shards[1], ".png", 0)  # three different samples
+    json_members = [member(shards[1], ".json", 1), member(shards[2], ".json", 0)]
+
+    def edit(name: str, data: bytes) -> bytes:
+        if name == bad_png:
+            return b"\x89PNG not really"
+        if name == json_members[0]:
+            return b'{"conversations": [oops'
+        if name == json_members[1]:
+            meta = json.loads(data)
+            meta["conversations"][0]["value"] = "<image>\n" + meta["conversations"][0]["value"]
+            return json.dumps(meta).encode()
+        return data
+
+    for shard in shards[1:]:
+        rewrite_tar(shard, edit)
+    # truncate the first shard in the middle of its last quarter: the samples after the damage are lost
+    size = shards[0].stat().st_size
+    shards[0].write_bytes(shards[0].read_bytes()[: size * 3 // 4])
+
+    pairs = list(iter_samples(resolve_shards(toyworld / "pairs"), "pair"))[:24]
+    pairs[5].text = ""
+    write_shards(pairs, out / "pairs", name="pairs", kind="pair", maxcount=12)
+    return out / "convs", out / "pairs"
+
+
+def test_bad_data_is_skipped_counted_logged_and_threshold_stops(toyworld_dir, tokenizer_dir, tmp_path):
+    convs, pairs = bad_datasets(toyworld_dir, tmp_path / "bad")
+    sources = f"[{{path: {convs}, weight: 3}}, {{path: {pairs}, weight: 1}}]"
+    root = workdir(tmp_path / "skips", toyworld_dir, steps=12, seq_len=256)
+    out = run(
+        root,
+        command(
+            "sft",
+            f"--data.init_args.sources={sources}",
+            "--data.init_args.val_sources=null",
+            "--data.init_args.max_skip_rate=0.5",
+        ),
+    )
+    run_dir = root / "runs/sft/run"
+    saved = json.loads((run_dir / "data_skips.json").read_text())
+    expected = {"bad_image", "bad_json", "image_count_mismatch", "too_long", "corrupt_tar", "empty_text"}
+    assert set(saved["by_reason"]) == expected, saved
+    assert saved["when"] == "train_end" and saved["step"] == 12
+    assert set(saved["by_source"]) == {"convs", "pairs"}
+    assert saved["by_source"]["pairs"] == {"empty_text": saved["by_reason"]["empty_text"]}
+    assert all(n >= 1 for n in saved["by_reason"].values())
+    tb = scalars(run_dir)
+    for reason, count in saved["by_reason"].items():
+        assert tb[f"data/skips/{reason}"][-1][1] == count, reason
+    for source, reasons in saved["by_source"].items():
+        for reason, count in reasons.items():
+            assert tb[f"data/skips/{source}/{reason}"][-1][1] == count
+    summaries = [line for line in out.splitlines() if line.startswith("data skips after epoch")]
+    assert len(summaries) == 3, out[-3000:]  # 12 steps, 4 batches per epoch
+    assert all(f"{reason}=" in summaries[-1] for reason in expected)
+    losses = record(root)["losses"]
+    assert sorted(map(int, losses)) == list(range(12)) and all(v is not None for v in losses.values())
+
+    # the same data at the default threshold (1 %): the run stops naming the source, the worst shard and the reason
+    root = workdir(tmp_path / "threshold", toyworld_dir, steps=400, seq_len=256)
+    out = run(root, command("sft", f"--data.init_args.sources={sources}", "--data.init_args.val_sources=null"), ok=False)
+    assert "DataQualityError" in out
+    assert "> max_skip_rate 1.0%" in out and "source 'convs'" in out
+    assert "worst shard " in out and "convs-00000" in out and "most common reason" in out
+    saved = json.loads((root / "runs/sft/run/data_skips.json").read_text())
+    assert saved["when"].startswith("exception")
+
+
+# ------------------------------------------------------------------------------------------- 3. DDP, unequal shards
+
+
+def test_ddp_two_processes_three_shards_same_steps(toyworld_dir, tokenizer_dir, tmp_path):
+    from visprior.data.shards import iter_samples, resolve_shards, write_shards
+
+    pairs = list(iter_samples(resolve_shards(toyworld_dir / "pairs"), "pair"))[:70]
+    manifest = write_shards(pairs, tmp_path / "pairs3", name="pairs3", kind="pair", maxcount=32)
+    assert [s["num_samples"] for s in manifest["shards"]] == [32, 32, 6]  # rank 0 reads 2 shards, rank 1 one
+    root = workdir(tmp_path / "ddp", toyworld_dir, steps=6)
+    run(
+        root,
+        command(
+            "align",
+            f"--data.init_args.sources=[{{path: {tmp_path / 'pairs3'}}}]",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+        ),
+        timeout=300,
+    )
+    ranks = [record(root, f"rec-rank{r}.json") for r in (0, 1)]
+    for r, rec in enumerate(ranks):
+        assert rec["world_size"] == 2 and rec["rank"] == r
+        assert sorted(map(int, rec["losses"])) == list(range(6))
+    # different data per rank (which shards a rank reads changes with each pass's shard order)
+    assert all(ranks[0]["keys"][s] != ranks[1]["keys"][s] for s in ranks[0]["keys"])
+    assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas equal
+    assert (root / "runs/align/run/data_skips.json").exists()
+
+
+# ------------------------------------------------------------------------------------------- 4. NaN
+
+
+def test_nan_batch_is_skipped_and_consecutive_nans_stop(toyworld_dir, tokenizer_dir, tmp_path):
+    root = workdir(tmp_path / "one", toyworld_dir, steps=5)
+    run(root, command("align", nan_at=2))
+    rec = record(root)
+    assert rec["losses"]["2"] is None and all(rec["losses"][s] is not None for s in ("0", "1", "3", "4"))
+    assert rec["params"]["2"] == rec["params"]["1"]  # the NaN step moved no parameter
+    assert rec["params"]["3"] != rec["params"]["2"]  # training went on
+    tb = scalars(root / "runs/align/run")
+    assert [v for _, v in tb["train/skipped_nonfinite"]] == [0.0, 0.0, 1.0, 1.0, 1.0]
+
+    root = workdir(tmp_path / "many", toyworld_dir, steps=12)
+    out = run(root, command("align", nan_at="2,3,4,5,6,7,8", ckpt_every=2), ok=False)
+    assert "FloatingPointError: 5 consecutive non-finite steps" in out
+    assert "at step 6;" in out and "batch keys: ['pair-" in out
+    assert f"last good checkpoint: {root / 'runs/align/run/checkpoints/last.ckpt'}" in out or (
+        "last good checkpoint: runs/align/run/checkpoints/last.ckpt" in out
+    ), out[-3000:]
+    assert sorted(map(int, record(root)["losses"])) == [0, 1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------------------------- 5. bad configs
+
+
+def no_tokenizer_image(tokenizer: Path, out: Path) -> Path:
+    """A copy of the toy tokenizer whose special token `<image>` is renamed `<img>` (in the vocabulary too)."""
+    import shutil
+
+    shutil.copytree(tokenizer, out)
+    for path in out.glob("*.json"):
+        path.write_text(path.read_text().replace('"<image>"', '"<img>"'))
+    return out
+
+
+BAD_CONFIGS = {
+    "unknown key": (["--model.init_args.warmup_stepz=3"], ["Option 'warmup_stepz' is not accepted"]),
+    "wrong type": (
+        ["--model.init_args.warmup_steps=many"],
+        ['Parser key "warmup_steps"', "Expected a <class 'int'>. Got value: many"],
+    ),
+    "missing dataset": (["--data.init_args.sources=[{path: data/toyworld/nope}]"], ["no manifest.json in data/toyworld/nope"]),
+    "missing shard": (["--data.init_args.sources=[{path: SHARDLESS}]"], ["pairs-000001.tar"]),
+    "missing init_from": (
+        ["--model.init_args.init_from=[{path: runs/earlier/nope.ckpt, components: [language_model]}]"],
+        ["init_from: checkpoint not found: runs/earlier/nope.ckpt"],
+    ),
+    "tokenizer without <image>": (["--model.init_args.language_model.tokenizer=NOIMAGE"], ["noimage", "<image>"]),
+    "image size": (["--model.init_args.vision_tower.image_size=100"], ["image_size 100 is not a multiple of patch_size 16"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_config_fails_before_the_first_step(toyworld_dir, tokenizer_dir, tmp_path, case):
+    root = workdir(tmp_path / "run", toyworld_dir)
+    args, expected = BAD_CONFIGS[case]
+    if case == "missing shard":
+        import shutil
+
+        shutil.copytree(toyworld_dir / "pairs", tmp_path / "shardless")
+        (tmp_path / "shardless" / "pairs-000001.tar").unlink()
+    if case == "tokenizer without <image>":
+        no_tokenizer_image(tokenizer_dir, tmp_path / "noimage")
+    args = [
+        a.replace("SHARDLESS", str(tmp_path / "shardless")).replace("NOIMAGE", str(tmp_path / "noimage")) for a in args
+    ]
+    out = run(root, command("align", *args), ok=False, timeout=120)
+    tail = out[-3000:]
+    for word in expected:
+        assert word in tail, (word, tail)
+    assert not (root / "rec.json").exists(), "a training step ran"
+    assert checkpoints(root) == [], checkpoints(root)
