@@ -351,6 +351,8 @@ BAD_CONFIGS = {
         ["--model.init_args.init_from=[{path: runs/earlier/nope.ckpt, components: [language_model]}]"],
         ["init_from: checkpoint not found: runs/earlier/nope.ckpt"],
     ),
+    "missing ckpt_path": (["--ckpt_path=runs/old/nope.ckpt"], ["Checkpoint file not found: runs/old/nope.ckpt"]),
+    "truncated last.ckpt": ([], ["ckpt_path: ", "last.ckpt' is not a complete checkpoint"]),
     "tokenizer without <image>": (["--model.init_args.language_model.tokenizer=NOIMAGE"], ["noimage", "<image>"]),
     "image size": (["--model.init_args.vision_tower.image_size=100"], ["image_size 100 is not a multiple of patch_size 16"]),
 }
@@ -367,6 +369,10 @@ def test_bad_config_fails_before_the_first_step(toyworld_dir, tokenizer_dir, tmp
         (tmp_path / "shardless" / "pairs-000001.tar").unlink()
     if case == "tokenizer without <image>":
         no_tokenizer_image(tokenizer_dir, tmp_path / "noimage")
+    garbage = root / "runs/align/run/checkpoints/last.ckpt"
+    if case == "truncated last.ckpt":  # what a non-atomic writer leaves after a kill; `ckpt_path: last` picks it up
+        garbage.parent.mkdir(parents=True)
+        garbage.write_bytes(b"PK\x03\x04" + bytes(range(256)) * 20)
     args = [
         a.replace("SHARDLESS", str(tmp_path / "shardless")).replace("NOIMAGE", str(tmp_path / "noimage")) for a in args
     ]
@@ -375,4 +381,7 @@ def test_bad_config_fails_before_the_first_step(toyworld_dir, tokenizer_dir, tmp
     for word in expected:
         assert word in tail, (word, tail)
     assert not (root / "rec.json").exists(), "a training step ran"
-    assert checkpoints(root) == [], checkpoints(root)
+    if case == "truncated last.ckpt":
+        assert checkpoints(root) == [garbage] and garbage.read_bytes().startswith(b"PK\x03\x04\x00\x01")
+    else:
+        assert checkpoints(root) == [], checkpoints(root)

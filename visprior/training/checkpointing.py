@@ -81,12 +81,22 @@ def atomic_symlink(target: str | os.PathLike, link: str | os.PathLike) -> None:
     _fsync_dir(link.parent)
 
 
-def safe_load(path: str | os.PathLike, map_location: Any = "cpu", safe_globals: Iterable[Any] = ()) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; a rejected object raises naming the file and how to allow it."""
+def safe_load(
+    path: str | os.PathLike, map_location: Any = "cpu", safe_globals: Iterable[Any] = (), key: str = "checkpoint"
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; a rejected object raises naming the file and how to allow it.
+
+    A file that is not a complete torch archive (truncated, empty, garbage) raises ``ValueError`` naming ``key`` and the
+    path: torch's own error for it reads like a refused Python object and suggests ``weights_only=False``, which is wrong.
+    """
     try:
         with torch.serialization.safe_globals(list(safe_globals)):
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises UnpicklingError or RuntimeError depending on the object
+        from visprior.training.validation import check_checkpoint
+
+        if isinstance(path, str | os.PathLike):
+            check_checkpoint(path, key)  # raises for a truncated / non-archive file; passes for a complete one
         if "weights_only" not in str(err) and "Unsupported global" not in str(err):
             raise
         raise RuntimeError(
@@ -117,7 +127,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             log.warning("loading %s with weights_only=False: only do this for checkpoints you trust", path)
             return torch.load(path, map_location=map_location, weights_only=False)
-        return safe_load(path, map_location=map_location, safe_globals=self.safe_globals)
+        return safe_load(path, map_location=map_location, safe_globals=self.safe_globals, key="ckpt_path")
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
