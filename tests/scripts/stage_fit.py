@@ -37,7 +37,8 @@ class StageProbe(pl.Callback):
         return self.out.with_name(f"{self.out.stem}-rank{trainer.global_rank}{self.out.suffix}")
 
     def setup(self, trainer, pl_module, stage) -> None:
-        if self.ckpt_every:  # the fragment's own AtomicModelCheckpoint, saving more often (a second one would save last-v1)
+        # the fragment's own AtomicModelCheckpoint, saving more often (a second one would save last-v1.ckpt)
+        if self.ckpt_every:
             for cb in trainer.checkpoint_callbacks:
                 cb._every_n_train_steps = self.ckpt_every
 
