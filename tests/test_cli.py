@@ -104,3 +104,20 @@ def test_data_help_lists_subcommands(capsys: pytest.CaptureFixture) -> None:
         main(["data", "--help"])
     out = capsys.readouterr().out
     assert "toyworld" in out and "tokenizer" in out
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all"])
+def test_explicit_ckpt_path_to_a_broken_file_is_named_before_work(
+    recipe: Path, tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture
+) -> None:
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(content)
+    with pytest.raises(SystemExit, match="not a complete checkpoint") as exit_info:
+        main(["fit", "--config", str(recipe), "--ckpt_path", str(broken)])
+    assert "broken.ckpt" in str(exit_info.value) and "weights_only=False" not in str(exit_info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_explicit_ckpt_path_is_named(recipe: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="nowhere.ckpt"):
+        main(["fit", "--config", str(recipe), "--ckpt_path", str(tmp_path / "nowhere.ckpt")])

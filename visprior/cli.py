@@ -33,15 +33,31 @@ Run `visprior <command> --help` for the options of one command.
 """
 
 
+def explicit_ckpt_path(argv: Sequence[str]) -> str | None:
+    """The `--ckpt_path` given on the command line, if any (`last`/`best`/`hpc` are names Lightning resolves, not paths)."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--ckpt_path="):
+            value = arg.split("=", 1)[1]
+    return None if value in (None, "null", "last", "best", "hpc", "registry") else value
+
+
 def run_lightning(argv: Sequence[str]) -> None:
     """LightningCLI on `argv` (subcommand first), with `_base_` fragments expanded into repeated `--config`."""
     from lightning.pytorch.cli import LightningCLI
 
     from visprior.config import RecipeError, expand_config_args
+    from visprior.training.validation import check_checkpoint
 
     try:
         args = expand_config_args(list(argv))
-    except RecipeError as e:
+        if ckpt := explicit_ckpt_path(argv):
+            # LightningCLI reads this file's hyper-parameters itself before any of our code sees it; a broken file must get
+            # our message, not torch's advice to unpickle with weights_only=False.
+            check_checkpoint(ckpt, "ckpt_path")
+    except (RecipeError, FileNotFoundError, ValueError) as e:
         raise SystemExit(f"visprior: {e}") from None
     # We pass the expanded args ourselves; Lightning would warn that sys.argv is set too.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
