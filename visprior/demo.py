@@ -30,8 +30,9 @@ class StageRun:
 
 
 CHAIN = [
-    StageRun("text-pretrain", steps=400),
-    StageRun("contrastive", steps=150),
+    StageRun("text-pretrain", steps=200),
+    # 150 steps left retrieval at 0.27 (val image->text accuracy, batch 32); 450 reach 0.84.
+    StageRun("contrastive", steps=450),
     StageRun("align", steps=200, init_from=[("text-pretrain", ["language_model"]), ("contrastive", ["vision_tower"])]),
     StageRun("sft", steps=250, init_from=[("align", ["vision_tower", "connector", "language_model"])]),
 ]
