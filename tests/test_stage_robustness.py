@@ -364,7 +364,7 @@ BAD_CONFIGS = {
         ["--model.init_args.init_from=[{path: runs/earlier/nope.ckpt, components: [language_model]}]"],
         ["init_from: checkpoint not found: runs/earlier/nope.ckpt"],
     ),
-    "missing ckpt_path": (["--ckpt_path=runs/old/nope.ckpt"], ["Checkpoint file not found: runs/old/nope.ckpt"]),
+    "missing ckpt_path": (["--ckpt_path=runs/old/nope.ckpt"], ["ckpt_path: 'runs/old/nope.ckpt' does not exist"]),
     "truncated last.ckpt": ([], ["ckpt_path: ", "last.ckpt' is not a complete checkpoint"]),
     "tokenizer without <image>": (["--model.init_args.language_model.tokenizer=NOIMAGE"], ["noimage", "<image>"]),
     "image size": (
