@@ -1,9 +1,10 @@
-# visprior in a container. CPU by default; for GPUs build with
-#   docker build --build-arg TORCH_SPEC="torch" --build-arg BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04 -t visprior .
-# (with a CUDA base image, install python3.11 + pip first, or use a pytorch/pytorch image as BASE and TORCH_SPEC="").
+# visprior in a container. torch is installed first, from TORCH_SPEC, so the rest never picks another build:
+#   docker build -t visprior .                                           # torch 2.13.0 from the default index
+#   docker build --build-arg TORCH_SPEC="torch==2.13.0 --index-url <your CPU wheel index>" -t visprior .   # a smaller CPU image
+#   docker build --build-arg BASE=<a pytorch image with CUDA> --build-arg TORCH_SPEC="" -t visprior .     # GPUs: keep its torch
 ARG BASE=python:3.11-slim
 FROM ${BASE}
-ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+ARG TORCH_SPEC="torch==2.13.0"
 ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 RUN apt-get update && apt-get install -y --no-install-recommends make git && rm -rf /var/lib/apt/lists/*
 WORKDIR /workspace/visprior
