@@ -16,9 +16,9 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image, UnidentifiedImageError
 
@@ -31,6 +31,7 @@ SKIP_LOG = "skipped.jsonl"
 MAX_IMAGE_BYTES = 64 * 2**20  # a larger "image" is a mistake or an attack, not a photo
 MAX_KEY_LENGTH = 96  # keeps tar member names inside the plain 100-byte ustar field
 MAX_EXAMPLES = 20  # record ids kept per reason in the manifest; all of them are in skipped.jsonl
+T = TypeVar("T")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -200,6 +201,16 @@ class ConversionLog:
         self.skipped[error.reason] += 1
         self._write("record", record, error, source)
         log.debug("skipped %s: %s", record, error)
+
+    def attempt(self, record: str, source: str, build: Callable[..., T], *args: Any) -> T | None:
+        """`build(*args)` counted as converted, or None with `record` skipped and logged when it raises `SampleError`."""
+        try:
+            sample = build(*args)
+        except SampleError as e:
+            self.skip(record, e, source)
+            return None
+        self.converted += 1
+        return sample
 
     def drop_image(self, record: str, error: SampleError, source: str = "") -> None:
         """One image of an interleaved document is left out; the rest of the document is kept."""

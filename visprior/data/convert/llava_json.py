@@ -92,14 +92,10 @@ def convert_llava_json(
 
         def samples() -> Iterator[ConversationSample]:
             for index, record in _records(sources[0], log):
-                try:
-                    sample = _to_sample(record, index, image_root, keys)
-                except SampleError as e:
-                    rid = record.get("id", index) if isinstance(record, dict) else index
-                    log.skip(str(rid), e, src)
-                    continue
-                log.converted += 1
-                yield sample
+                rid = record.get("id", index) if isinstance(record, dict) else index
+                sample = log.attempt(str(rid), str(src), _to_sample, record, index, image_root, keys)
+                if sample is not None:
+                    yield sample
 
         manifest = write_shards(
             samples(), root, name=name, kind="conversation", maxcount=maxcount, image_format=image_format

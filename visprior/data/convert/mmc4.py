@@ -103,15 +103,10 @@ def convert_mmc4(
         def samples() -> Iterator[InterleavedSample]:
             for path in sources:
                 for n, doc in iter_jsonl(path, log):
-                    where = f"{path.name}:{n}"
-                    key = keys(f"{path.name.split('.')[0]}-{n:09d}")
-                    try:
-                        sample = to_sample(doc, key, image_root, log, where)
-                    except SampleError as e:
-                        log.skip(where, e, str(path))
-                        continue
-                    log.converted += 1
-                    yield sample
+                    key, where = keys(f"{path.name.split('.')[0]}-{n:09d}"), f"{path.name}:{n}"
+                    sample = log.attempt(where, str(path), to_sample, doc, key, image_root, log, where)
+                    if sample is not None:
+                        yield sample
 
         manifest = write_shards(
             samples(), root, name=name, kind="interleaved", maxcount=maxcount, image_format=image_format

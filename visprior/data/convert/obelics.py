@@ -132,14 +132,12 @@ def convert_obelics(
         def samples() -> Iterator[InterleavedSample]:
             for path in sources:
                 for n, row in _rows(path, log):
-                    key = keys(f"{path.name.split('.')[0]}-{n:09d}")
-                    try:
-                        sample = to_sample(row, key, image_root, allow_absolute_paths, log, f"{path.name}:{n}")
-                    except SampleError as e:
-                        log.skip(f"{path.name}:{n}", e, str(path))
-                        continue
-                    log.converted += 1
-                    yield sample
+                    key, where = keys(f"{path.name.split('.')[0]}-{n:09d}"), f"{path.name}:{n}"
+                    sample = log.attempt(
+                        where, str(path), to_sample, row, key, image_root, allow_absolute_paths, log, where
+                    )
+                    if sample is not None:
+                        yield sample
 
         manifest = write_shards(
             samples(), root, name=name, kind="interleaved", maxcount=maxcount, image_format=image_format
