@@ -176,6 +176,32 @@ def test_readers_and_exact_accuracies(tmp_path, monkeypatch, writer):
     assert res.metrics["gen/large"].n == 4
 
 
+def _letter_reading_scores(model, prompts, options, images, **kw):
+    """Letter options: the image's gold letter wins (the model 'sees'); option texts: always index 1 ('ball')."""
+    out = []
+    for opts, (image,) in zip(options, images):
+        if list(opts) == list("ABCD"):
+            gold = _gold_from_image(image)
+            out.append([OptionScore(0.0 if j == gold else -1.0, 0.0 if j == gold else -1.0, 1) for j in range(4)])
+        else:
+            out.append([OptionScore(0.0 if j == 1 else -1.0, 0.0 if j == 1 else -1.0, 1) for j in range(len(opts))])
+    return out
+
+
+def test_letter_likelihood_scores_the_letters_a_to_d(tmp_path, monkeypatch):
+    path = write_imagefolder(tmp_path / "mle", _rows())
+    items = load_mle_bench(path)
+    monkeypatch.setattr(mle_bench, "generate", _image_blind_generate)
+    monkeypatch.setattr(mle_bench, "score_options", _letter_reading_scores)
+    res = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)), blind_baseline=False)
+    m = {k: v.value for k, v in res.metrics.items()}
+    assert m["ll_letter/small"] == m["ll_letter/medium"] == m["ll_letter/large"] == m["ll_letter/average"] == 1.0
+    assert m["ll/average"] == 0.25
+    assert "letter likelihood | 100.0 | 100.0 | 100.0 | 100.0" in format_mle_table(
+        {"tasks": {"mle_bench": {"metrics": {k: {"value": v} for k, v in m.items()}}}}
+    )
+
+
 def _image_blind_generate(model, prompts, images, **kw):
     """Ignores the image: answers from the prompt text alone (the letter of the option 'cone' when offered, else B)."""
     return [f"({'ABCD'[CHOICES.index('cone')]})" if "cone" in p else "B" for p in prompts]
@@ -215,13 +241,13 @@ def test_blind_baseline_shows_grey_images_and_can_be_switched_off(tmp_path, monk
     res = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)))
     m = {k: v.value for k, v in res.metrics.items()}
     assert m["gen/average"] == 1.0 and m["blind/gen/average"] == 0.25  # grey reads as gold C: right 1 in 4
-    assert seen[1] == {mle_bench.BLIND_GREY, (8, 8)}  # a uniform grey image of the original size
+    assert seen[2] == seen[3] == {mle_bench.BLIND_GREY, (8, 8)}  # a uniform grey image of the original size
     table = format_mle_table({"tasks": {"mle_bench": {"metrics": {k: {"value": v} for k, v in m.items()}}}})
     rows = table.splitlines()
-    assert len(rows) == 6 and rows[4].startswith("| blind letter (grey image) | ")
-    assert rows[5] == "| blind likelihood (grey image) | 25.0 | 25.0 | 25.0 | 25.0 |"
+    assert len(rows) == 8 and rows[5].startswith("| blind letter (grey image) | ")
+    assert rows[6] == "| blind likelihood (grey image) | 25.0 | 25.0 | 25.0 | 25.0 |"
     off = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)), blind_baseline=False)
-    assert not any(k.startswith("blind/") for k in off.metrics) and len(seen) == 3
+    assert not any(k.startswith("blind/") for k in off.metrics) and len(seen) == 6  # text and letter scoring
 
 
 def test_random_answers_score_near_chance(monkeypatch):

@@ -55,7 +55,7 @@ def test_every_task_writes_one_results_json(vlm, toyworld_dir, tmp_path):
             assert m["n"] > 0 and m["ci95"][0] <= m["value"] <= m["ci95"][1]
     assert "| mle_bench | gen/average |" in format_table(back)
     table = format_mle_table(back).splitlines()
-    assert table[0] == "| MLE-Bench | small | medium | large | average |" and len(table) == 6
+    assert table[0] == "| MLE-Bench | small | medium | large | average |" and len(table) == 8
     assert table[2].startswith("| letter (greedy) | ") and table[3].startswith("| likelihood | ")
     assert table[5].startswith("| blind likelihood (grey image) | ")
     assert {"blind/ll/small", "blind/ll/medium", "blind/ll/large", "blind/ll/average"} <= set(mle["metrics"])

@@ -3,8 +3,9 @@
 Rows carry `image`, `question`, `choices` (4), `answer` (the answer *text*) and `sub_task` in `existence_0-30 |
 existence_30-60 | existence_60-100` (the object's share of the image: small / medium / large). The prompt follows lmms-eval's
 `mle_bench` task; the model answers greedily in at most 16 tokens and the letter is extracted by `extract_letter`. Since tiny
-models rarely follow the letter format, a likelihood-scored variant (the option text with the highest mean log-likelihood) is
-reported beside it. Readers: HF `save_to_disk` folders (arrow IPC streams), parquet files, and imagefolder + metadata.jsonl
+models rarely follow the letter format, two likelihood-scored variants are reported beside it: the option *text* with the
+highest mean log-likelihood (`ll`, cloze-style) and the letter A-D with the highest likelihood as the first answer token
+(`ll_letter`, the constrained form of the generated answer, as MMLU-style harnesses score). Readers: HF `save_to_disk` folders (arrow IPC streams), parquet files, and imagefolder + metadata.jsonl
 (the toy world's layout).
 
 Blind baseline (`blind_baseline=True`, the default): the same items scored again with every image replaced by a uniform
@@ -215,7 +216,8 @@ def _score(
     likelihood: bool,
     seed: int,
 ) -> list[str]:
-    """Add `{prefix}gen/<level>`, `{prefix}gen/answered` and (optionally) `{prefix}ll/<level>` to `acc`; return outputs."""
+    """Add `{prefix}gen/<level>`, `{prefix}gen/answered` and (optionally) `{prefix}ll/<level>` and
+    `{prefix}ll_letter/<level>` to `acc`; return outputs."""
     outputs = generate(model, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     for it, out in zip(items, outputs):
         letter = extract_letter(out, it.choices)
@@ -225,6 +227,9 @@ def _score(
         scores = score_options(model, prompts, [list(it.choices) for it in items], images, batch_size=batch_size)
         for it, s in zip(items, scores):
             acc.update(f"{prefix}ll/{it.level}", float(pick_option(s) == it.gold))
+        letters = [list(LETTERS[: len(it.choices)]) for it in items]
+        for it, s in zip(items, score_options(model, prompts, letters, images, batch_size=batch_size)):
+            acc.update(f"{prefix}ll_letter/{it.level}", float(pick_option(s) == it.gold))
     return outputs
 
 
@@ -254,7 +259,7 @@ def evaluate_mle_bench(
         prefixes.append("blind/")
     metrics = {}
     for prefix in prefixes:
-        for kind in ("gen", "ll") if likelihood else ("gen",):
+        for kind in ("gen", "ll", "ll_letter") if likelihood else ("gen",):
             name = f"{prefix}{kind}"
             per_level = {
                 lvl: acc.accuracy(f"{name}/{lvl}") for lvl in LEVELS.values() if f"{name}/{lvl}" in acc.names()
@@ -269,8 +274,10 @@ def evaluate_mle_bench(
 MLE_TABLE_ROWS = (
     ("gen", "letter (greedy)"),
     ("ll", "likelihood"),
+    ("ll_letter", "letter likelihood"),
     ("blind/gen", "blind letter (grey image)"),
     ("blind/ll", "blind likelihood (grey image)"),
+    ("blind/ll_letter", "blind letter likelihood (grey image)"),
 )
 
 
