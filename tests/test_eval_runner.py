@@ -57,7 +57,7 @@ def test_every_task_writes_one_results_json(vlm, toyworld_dir, tmp_path):
     table = format_mle_table(back).splitlines()
     assert table[0] == "| MLE-Bench | small | medium | large | average |" and len(table) == 8
     assert table[2].startswith("| letter (greedy) | ") and table[3].startswith("| likelihood | ")
-    assert table[5].startswith("| blind likelihood (grey image) | ")
+    assert table[4].startswith("| letter likelihood | ") and table[6].startswith("| blind likelihood (grey image) | ")
     assert {"blind/ll/small", "blind/ll/medium", "blind/ll/large", "blind/ll/average"} <= set(mle["metrics"])
 
 
