@@ -250,6 +250,9 @@ def _expected_answer(qtype: str, q: dict, objects: list[dict]) -> str:
         return "yes" if count(q["more"]) > count(q["than"]) else "no"
     if qtype == "sum":
         return str(sum(o["shape"] in q["shapes"] for o in objects))
+    if qtype == "which_exists":
+        assert count(q), "the answer shape is not in the image"
+        return q["shape"]
     raise AssertionError(f"unknown question type {qtype}")
 
 
@@ -267,14 +270,19 @@ def test_vqa_answers_agree_with_scene_and_pixels(toyworld_dir: Path) -> None:
         types[meta["question_type"]] += 1
         objects = meta["objects"]
         assert meta["answer"] == _expected_answer(meta["question_type"], meta["query"], objects), meta["question"]
-        assert meta["conversations"][1]["value"] == meta["answer"]
+        reply = meta["conversations"][1]["value"]
+        if meta["question_type"] == "which_exists":  # lettered: the reply is the answer's letter, one choice present
+            assert meta["choices"]["ABCD".index(reply)] == meta["answer"]
+            assert sum(any(o["shape"] == c for o in objects) for c in meta["choices"]) == 1
+        else:
+            assert reply == meta["answer"]
         if "choices" in meta:
             assert meta["answer"] in meta["choices"] and len(set(meta["choices"])) == len(meta["choices"])
         img = _image(s["img0.png"])
         for o in objects:
             y, x = _inside_point(o, img.shape[0])
             assert np.linalg.norm(img[y, x] - np.asarray(o["rgb"])) < 30, (s["__key__"], o)
-    assert len(types) == 8 and min(types.values()) >= len(samples) // 8 - 1, types
+    assert len(types) == 9 and min(types.values()) >= len(samples) // 9 - 1, types
     assert {"yes", "no"} <= {json.loads(s["json"])["answer"] for s in samples}
 
 
@@ -341,3 +349,37 @@ def test_shapes_labels(toyworld_dir: Path) -> None:
         metas = [json.loads(s["json"]) for s in _raw_samples(toyworld_dir / "eval/shapes" / split)]
         assert all(labels[m["label"]] == m["label_name"] for m in metas)
         assert len({m["label"] for m in metas}) == len(labels), split
+
+
+def test_which_exists_items_offer_one_present_shape_and_are_answered_by_letter() -> None:
+    import random
+
+    from visprior.data.toyworld.describe import LETTER_INSTRUCTION, answer_text, question_text, vqa_item
+    from visprior.data.toyworld.world import sample_scene
+
+    rng = random.Random(0)
+    letters = Counter()
+    for _ in range(200):
+        scene = sample_scene(rng, 5)
+        item = vqa_item(scene, rng, "which_exists")
+        assert item is not None
+        present = {o.shape for o in scene.objects}
+        assert len(set(item.choices)) == 4 and [c in present for c in item.choices].count(True) == 1
+        letter = answer_text(item)
+        assert item.choices["ABCD".index(letter)] == item.answer and item.answer in present
+        lines = question_text(item).splitlines()
+        assert lines[1:5] == [f"{x}. {c}" for x, c in zip("ABCD", item.choices)] and lines[5] == LETTER_INSTRUCTION
+        letters[letter] += 1
+    assert set(letters) == set("ABCD") and min(letters.values()) > 30, letters  # the answer's letter is shuffled
+
+
+def test_sft_trains_lettered_answers(toyworld_dir: Path) -> None:
+    sft = [json.loads(s["json"]) for s in _raw_samples(toyworld_dir / "sft")]
+    replies = [
+        turns[i + 1]["value"]
+        for m in sft
+        for turns in [m["conversations"]]
+        for i in range(0, len(turns), 2)
+        if turns[i]["value"].endswith("from the given choices directly.")
+    ]
+    assert replies and set(replies) <= set("ABCD")

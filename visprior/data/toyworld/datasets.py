@@ -14,6 +14,7 @@ from visprior.data.formats import ConversationSample, InterleavedSample, PairSam
 from visprior.data.toyworld import corpora, interleaved
 from visprior.data.toyworld.describe import (
     QUESTION_TYPES,
+    answer_text,
     caption_references,
     detailed_caption,
     question_text,
@@ -53,7 +54,7 @@ def sft(rng: random.Random, n: int, size: int, max_objects: int) -> Iterator[Con
         elif rng.random() < 0.2:
             turns.append((rng.choice(CAPTION_PROMPTS), short_caption(scene, rng)))
         items = vqa_items(scene, rng, rng.randint(1, 3))
-        turns += [(question_text(it), it.answer) for it in items]
+        turns += [(question_text(it), answer_text(it)) for it in items]
         conv = []
         for t, (q, a) in enumerate(turns):
             conv += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
@@ -93,7 +94,10 @@ def vqa_eval(rng: random.Random, n: int, size: int, max_objects: int) -> Iterato
             scene = sample_scene(rng, max_objects, min_objects=2 if qtype == "spatial" else 1)
             item = vqa_item(scene, rng, qtype)
         r = render(scene, size)
-        conv = [{"from": "human", "value": f"<image>\n{question_text(item)}"}, {"from": "gpt", "value": item.answer}]
+        conv = [
+            {"from": "human", "value": f"<image>\n{question_text(item)}"},
+            {"from": "gpt", "value": answer_text(item)},
+        ]
         meta = {
             "question_type": qtype,
             "question": item.question,

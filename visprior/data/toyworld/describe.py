@@ -16,7 +16,15 @@ from typing import Any
 from visprior.data.toyworld.world import COLOURS, PLURALS, SHAPES, Obj, Scene, region
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
-QUESTION_TYPES = ("existence", "counting", "colour", "shape", "spatial", "position", "compare", "sum")
+QUESTION_TYPES = ("existence", "counting", "colour", "shape", "spatial", "position", "compare", "sum", "which_exists")
+LETTERS = "ABCD"
+LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+"""LLaVA-1.5's instruction for lettered multiple choice (its A-OKVQA / ScienceQA data); MLE-Bench prompts with it too."""
+WHICH_PROMPTS = (
+    "Which of the following objects appears in the image?",
+    "Which of these shapes is in the picture?",
+    "Which one of the following can you see in the image?",
+)
 SPATIAL_GAP = 0.08  # minimum centre distance along the asked axis (fraction of the image side)
 
 
@@ -135,6 +143,18 @@ def _existence(scene: Scene, rng: random.Random) -> VQAItem:
     return VQAItem("existence", text, ans, q)
 
 
+def _which_exists(scene: Scene, rng: random.Random) -> VQAItem | None:
+    """Lettered four-way choice with exactly one present shape (the other three absent), answered by its letter."""
+    present = sorted({o.shape for o in scene.objects})
+    absent = [s for s in SHAPES if s not in present]
+    if len(absent) < len(LETTERS) - 1:
+        return None
+    answer = rng.choice(present)
+    choices = [answer] + rng.sample(absent, len(LETTERS) - 1)
+    rng.shuffle(choices)
+    return VQAItem("which_exists", rng.choice(WHICH_PROMPTS), answer, {"shape": answer}, choices, {"lettered": True})
+
+
 def _counting(scene: Scene, rng: random.Random) -> VQAItem:
     kind = rng.choice(("shape", "colour", "all"))
     if kind == "shape":
@@ -221,7 +241,7 @@ def vqa_item(scene: Scene, rng: random.Random, question_type: str) -> VQAItem | 
     if question_type in ("colour", "shape"):
         return _attribute(scene, rng, question_type)
     fn = {"existence": _existence, "counting": _counting, "spatial": _spatial, "position": _position}
-    fn.update({"compare": _compare, "sum": _sum})
+    fn.update({"compare": _compare, "sum": _sum, "which_exists": _which_exists})
     return fn[question_type](scene, rng)
 
 
@@ -240,7 +260,17 @@ def vqa_items(scene: Scene, rng: random.Random, k: int) -> list[VQAItem]:
 
 
 def question_text(item: VQAItem) -> str:
-    """The question as shown to a model; multiple-choice items list their options."""
+    """The question as shown to a model; multiple-choice items list their options (lettered ones one per line)."""
+    if item.choices and item.meta.get("lettered"):
+        lines = [f"{letter}. {choice}" for letter, choice in zip(LETTERS, item.choices, strict=True)]
+        return "\n".join([item.question, *lines, LETTER_INSTRUCTION])
     if item.choices:
         return f"{item.question}\nOptions: {', '.join(item.choices)}."
     return item.question
+
+
+def answer_text(item: VQAItem) -> str:
+    """The reply a model is trained to give: the option's letter for lettered items, else the answer itself."""
+    if item.choices and item.meta.get("lettered"):
+        return LETTERS[item.choices.index(item.answer)]
+    return item.answer
