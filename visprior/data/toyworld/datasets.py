@@ -43,6 +43,10 @@ def pairs(rng: random.Random, n: int, size: int, max_objects: int) -> Iterator[P
         yield PairSample(f"pair-{i:07d}", r.image, short_caption(scene, rng), meta)
 
 
+WHICH_EXISTS_SHARE = 0.5
+"""Extra lettered existence questions in SFT conversations: the skill MLE-Bench measures, as LLaVA-1.5 mixes in A-OKVQA."""
+
+
 def sft(rng: random.Random, n: int, size: int, max_objects: int) -> Iterator[ConversationSample]:
     """Multi-turn LLaVA conversations: a detailed description and/or VQA of every type, `<image>` in the first turn."""
     for i in range(n):
@@ -54,6 +58,9 @@ def sft(rng: random.Random, n: int, size: int, max_objects: int) -> Iterator[Con
         elif rng.random() < 0.2:
             turns.append((rng.choice(CAPTION_PROMPTS), short_caption(scene, rng)))
         items = vqa_items(scene, rng, rng.randint(1, 3))
+        if rng.random() < WHICH_EXISTS_SHARE and all(it.question_type != "which_exists" for it in items):
+            extra = vqa_item(scene, rng, "which_exists")
+            items += [extra] if extra is not None else []
         turns += [(question_text(it), answer_text(it)) for it in items]
         conv = []
         for t, (q, a) in enumerate(turns):
