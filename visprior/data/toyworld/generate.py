@@ -21,6 +21,10 @@ from visprior.data.toyworld.describe import QUESTION_TYPES
 from visprior.data.toyworld.mle import LEVELS, excluded_shapes, write_mle_bench
 from visprior.data.toyworld.world import SHAPES, vocabulary
 
+WORLD_VERSION = 2
+"""Bumped when the generated data change for a given preset and seed (2: lettered `which_exists` SFT questions), so
+callers such as `make demo` regenerate an old toy world instead of training on it."""
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -118,6 +122,7 @@ def generate(out_dir: str | Path, preset: str = "toy", seed: int = 0) -> dict[st
     seconds["eval/mle_bench"] = round(time.perf_counter() - t0, 3)
 
     world = {
+        "version": WORLD_VERSION,
         "preset": preset,
         "preset_config": asdict(p),
         "seed": seed,
