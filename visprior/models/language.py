@@ -169,3 +169,25 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
         reduction="sum",
     )
     return total / num.clamp(min=1), num
+
+
+def turn_averaged_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean over answer turns of each turn's mean next-token loss; a turn is a maximal run of supervised targets.
+
+    With a token average a 60-token description outweighs twenty one-word answers; here every assistant turn weighs the
+    same (mask targets that cross a packed-document boundary before calling, so runs never span two samples).
+    """
+    targets = labels[:, 1:].to(logits.device)  # [B, T-1]
+    supervised = targets != IGNORE_INDEX
+    token_loss = F.cross_entropy(
+        logits[:, :-1, :].float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view_as(targets)  # fmt: skip
+    starts = supervised & ~F.pad(supervised[:, :-1], (1, 0), value=False)  # [B, T-1] first target of each turn
+    num_turns = int(starts.sum())
+    if num_turns == 0:
+        return logits.sum() * 0.0
+    turn = (starts.flatten().cumsum(0) - 1).view_as(targets)[supervised]  # turn index of each supervised target
+    sums = torch.zeros(num_turns, device=logits.device).index_add(0, turn, token_loss[supervised])
+    counts = torch.bincount(turn, minlength=num_turns)
+    return (sums / counts).mean()

@@ -23,6 +23,7 @@ from visprior.models.language import (
     build_language_model,
     causal_lm_loss,
     image_token_id,
+    turn_averaged_loss,
 )
 from visprior.models.vision import VisionTower, VisionTowerSpec, build_vision_tower
 
@@ -117,8 +118,9 @@ class VisionLanguageModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        loss_average: str = "token",
     ) -> VLMOutput:
-        """Logits and (with labels) the mean loss over supervised tokens.
+        """Logits and (with labels) the loss: mean over supervised tokens, or over answer turns (`loss_average="turn"`).
 
         `document_ids` `[B, T]` (-1 = padding) gives block-causal attention, and targets whose previous token lies in
         another document are not supervised; without it attention is plain causal over the row.
@@ -139,6 +141,10 @@ class VisionLanguageModel(nn.Module):
                 crosses[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
                 labels = labels.masked_fill(crosses, IGNORE_INDEX)
             loss, num_supervised = causal_lm_loss(out.logits, labels)
+            if loss_average == "turn":
+                loss = turn_averaged_loss(out.logits, labels)
+            elif loss_average != "token":
+                raise ValueError(f"loss_average must be 'token' or 'turn', got {loss_average!r}")
         image_mask = input_ids == self.image_token_id if features is not None else None
         return VLMOutput(loss, out.logits, num_supervised, features, image_mask)
 

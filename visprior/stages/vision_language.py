@@ -8,7 +8,7 @@ re-blended with text-only conversations (VILA), and by default trains the connec
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,13 +31,17 @@ class VLMStage(Stage):
 
     model: VisionLanguageModel
 
-    def __init__(self, spec: VLMSpec, **stage_args: Any):
+    def __init__(self, spec: VLMSpec, loss_average: Literal["token", "turn"] = "token", **stage_args: Any):
         """
         Args:
             spec: the model: language model, vision tower (None for text only) and connector.
+            loss_average: `token` (mean over supervised tokens) or `turn` (every answer turn weighs the same).
             stage_args: the shared options of `Stage` (trainable, init_from, warmup_steps, peak_flops, ...).
         """
+        if loss_average not in ("token", "turn"):
+            raise ValueError(f"loss_average must be 'token' or 'turn', got {loss_average!r}")
         super().__init__(**stage_args)
+        self.loss_average = loss_average
         self.model = build_vlm(spec)
         self.tokenizer = self.model.tokenizer
         self.image_transform = self.model.image_transform
@@ -51,6 +55,7 @@ class VLMStage(Stage):
             position_ids=batch["position_ids"],
             document_ids=batch["document_ids"],
             pixel_values=batch.get("pixel_values"),
+            loss_average=self.loss_average,
         )
         tokens, docs = batch_counts(batch)
         pixels = batch.get("pixel_values")
@@ -148,6 +153,7 @@ class InstructionTuning(VLMStage):
         vision_tower: VisionTowerSpec,
         connector: ConnectorSpec | None = None,
         trainable: dict[str, float] | None = None,
+        loss_average: Literal["token", "turn"] = "token",
         **stage_args: Any,
     ):
         """
@@ -156,17 +162,25 @@ class InstructionTuning(VLMStage):
             vision_tower: the vision tower (config or local folder) and the layer it is read at.
             connector: vision features -> LM embeddings (default `mlp2x_gelu`, one token per patch).
             trainable: component -> learning rate (default: connector 1e-3 and language model 2e-4).
+            loss_average: `token` (LLaVA: mean over supervised tokens) or `turn` (every answer turn weighs the same, so
+                one-word answers are not outweighed by long descriptions).
             stage_args: the shared options of `Stage`.
         """
         language_model = coerce(LanguageModelSpec, language_model)
         vision_tower = coerce(VisionTowerSpec, vision_tower)
         connector = coerce(ConnectorSpec, connector) or ConnectorSpec()
         trainable = trainable if trainable is not None else {"connector": 1e-3, "language_model": 2e-4}
-        super().__init__(VLMSpec(language_model, vision_tower, connector), trainable=trainable, **stage_args)
+        super().__init__(
+            VLMSpec(language_model, vision_tower, connector),
+            loss_average=loss_average,
+            trainable=trainable,
+            **stage_args,
+        )
         self.save_plain_hyperparameters(
             language_model=language_model,
             vision_tower=vision_tower,
             connector=connector,
             trainable=trainable,
+            loss_average=loss_average,
             **stage_args,
         )
