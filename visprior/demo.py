@@ -53,8 +53,13 @@ CHAIN = [
         init_from=[("text-pretrain", ["language_model"]), ("contrastive", ["vision_tower"])],
         overrides=CONNECTOR,
     ),
+    # Every answer turn weighs the same: with LLaVA's token average the descriptions' tokens drowned the one-word answers
+    # and MLE-Bench stayed at chance (option likelihood 27.3 % vs 26.7 % blind); per turn it rose to 39.0 % vs 25.7 %.
     StageRun(
-        "sft", steps=250, init_from=[("align", ["vision_tower", "connector", "language_model"])], overrides=CONNECTOR
+        "sft",
+        steps=250,
+        init_from=[("align", ["vision_tower", "connector", "language_model"])],
+        overrides=[*CONNECTOR, "--model.init_args.loss_average", "turn"],
     ),
 ]
 

@@ -44,7 +44,7 @@ def read_label(meta: dict[str, Any], key: str, label_key: str, num_classes: int 
     if label != value and str(label) != str(value).strip():
         raise SampleError("bad_label", f"{label_key}={value!r} is not an integer", key=key)
     if label < 0 or (num_classes is not None and label >= num_classes):
-        raise SampleError("bad_label", f"{label_key}={label} outside 0..{num_classes}", key=key)
+        raise SampleError("bad_label", f"{label_key}={label} outside 0..{num_classes - 1}", key=key)
     return label
 
 
