@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
-from visprior.data.datamodule import EpochWindowLoader
+from visprior.data.datamodule import EpochWindowLoader, FingerprintedData
 from visprior.data.formats import SampleError, SampleKind
 from visprior.data.shards import SkipCounter, iter_samples, read_manifest, resolve_shards
 from visprior.data.stream import ShardStream, TrainStream
@@ -124,7 +124,7 @@ class ValidationPass(IterableDataset):
             warnings.warn(f"validation data: {self.counter.summary()}; e.g. {self.counter.examples}", stacklevel=2)
 
 
-class ImageClassificationDataModule(pl.LightningDataModule):
+class ImageClassificationDataModule(FingerprintedData, pl.LightningDataModule):
     """Shard folder of labelled images -> shuffled endless training batches and one in-order validation pass."""
 
     def __init__(
@@ -228,12 +228,3 @@ class ImageClassificationDataModule(pl.LightningDataModule):
             "world_size": self.world_size,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, now = state_dict.get("fingerprint", {}), self.fingerprint()
-        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-        if changed:
-            detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"cannot resume the data position exactly, the data config changed: {detail}")

@@ -91,7 +91,24 @@ class FixedBatches(IterableDataset):
         return itertools.islice(iter(self.build()), self.num_batches)
 
 
-class VisionLanguageDataModule(pl.LightningDataModule):
+class FingerprintedData:
+    """Data-module checkpoint state: a fingerprint of the data config, refused on resume if it changed."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"fingerprint": self.fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved, now = state_dict.get("fingerprint", {}), self.fingerprint()
+        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
+        if changed:
+            detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
+            raise ValueError(f"cannot resume the data position exactly, the data config changed: {detail}")
+
+
+class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
     """Weighted sources of any sample kind -> batches for the stage the trainer runs."""
 
     def __init__(
@@ -225,12 +242,3 @@ class VisionLanguageDataModule(pl.LightningDataModule):
             "world_size": self.world_size,
         }
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved, now = state_dict.get("fingerprint", {}), self.fingerprint()
-        changed = {k: (saved[k], now[k]) for k in now if k in saved and saved[k] != now[k]}
-        if changed:
-            detail = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"cannot resume the data position exactly, the data config changed: {detail}")
