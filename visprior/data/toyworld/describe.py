@@ -144,7 +144,7 @@ def _existence(scene: Scene, rng: random.Random) -> VQAItem:
 
 
 def _which_exists(scene: Scene, rng: random.Random) -> VQAItem | None:
-    """Lettered four-way choice with exactly one present shape (the other three absent), answered by its letter."""
+    """Lettered four-way choice with exactly one present shape (the other three absent); see `answer_text` for the reply."""
     present = sorted({o.shape for o in scene.objects})
     absent = [s for s in SHAPES if s not in present]
     if len(absent) < len(LETTERS) - 1:

@@ -23,8 +23,7 @@ from visprior.data.toyworld.world import SHAPES, vocabulary
 
 WORLD_VERSION = 3
 """Bumped when the generated data change for a given preset and seed (2: lettered `which_exists` SFT questions; 3: fewer
-detailed descriptions in SFT), so
-callers such as `make demo` regenerate an old toy world instead of training on it."""
+detailed descriptions in SFT), so callers such as `make demo` regenerate an old toy world instead of training on it."""
 
 
 @dataclass(frozen=True)
