@@ -18,7 +18,8 @@ from visprior.eval.mle_bench import (
     LEVELS,
     build_prompt,
     evaluate_mle_bench,
-    extract_letter,
+    extract_letter_lmms_eval,
+    extract_letter_strict,
     format_mle_table,
     load_mle_bench,
 )
@@ -27,33 +28,73 @@ from visprior.eval.results import DatasetInfo
 CHOICES = ["cube", "ball", "cone", "ring"]
 
 
-@pytest.mark.parametrize(
-    "text,letter",
-    [
-        ("A", "A"),
-        ("(A)", "A"),
-        ("A.", "A"),
-        ("The answer is A", "A"),
-        ("Option A", "A"),
-        ("B. ball", "B"),
-        ("(C) cone", "C"),
-        ("Answer: D", "D"),
-        ("the answer is (b).", "B"),
-        ("b", "B"),  # lower-case single letter: accepted
-        ("c.", "C"),
-        ("I think it is C", "C"),
-        ("ring", "D"),  # exactly one option's text
-        ("", None),  # empty
-        ("   ", None),
-        ("A or B", None),  # several different letters: ambiguous, no answer
-        ("B, C", None),
-        ("A cat", None),  # the article is not an answer
-        ("the answer is a cube", None),
-        ("nothing", None),
-    ],
-)
-def test_extract_letter(text, letter):
-    assert extract_letter(text, CHOICES) == letter
+# Letters read by lmms-eval's `mle_bench` task and by our strict rules, with the options A. star B. circle C. hexagon
+# D. square. The `lmms-eval` column was derived by hand from the rules of `_extract_answer_letter` in
+# lmms_eval/tasks/mle_bench/utils.py (EvolvingLMMs-Lab/lmms-eval, as added in 06221cc4; the rules are restated above
+# `extract_letter_lmms_eval`): the first nine rows are the table of issue 15, the next ones the cases its docstring lists
+# ("A", "A.", "(A)", "A)", "The answer is A", "Answer: A", "Option A", a bare letter) and an empty output, then quirks of
+# its rules (their order, no word boundary after the letter, `answer is:` without `the`, a leading article). The `strict` column
+# follows `extract_letter_strict`'s docstring.
+EXTRACTION_TABLE = [
+    # output, lmms-eval, strict
+    ("hexagon", None, "C"),
+    ("hexagon (C)", None, "C"),
+    ("star (A)", None, "A"),
+    ("I think C", None, "C"),
+    ("**B**", None, "B"),
+    ("The correct option is B", None, "B"),
+    ("a red circle", "A", None),
+    ("A cat", "A", None),
+    ("A or B", "A", None),
+    ("A", "A", "A"),
+    ("A.", "A", "A"),
+    ("(A)", "A", "A"),
+    ("A)", "A", "A"),
+    ("The answer is A", "A", "A"),
+    ("Answer: A", "A", "A"),
+    ("Option A", "A", "A"),
+    ("b", "B", "B"),
+    ("d", "D", "D"),
+    ("", None, None),
+    ("   ", None, None),
+    ("C. hexagon", "C", "C"),  # the toy world's lettered SFT reply
+    ("c. hexagon", "C", None),  # strict reads a lower-case leading letter only when it stands alone
+    ("(C) hexagon", "C", "C"),
+    ("[B] circle", "B", "B"),
+    ("D:", "D", "D"),
+    ("A\nB", "A", "A"),
+    ("the answer is (b).", "B", "B"),
+    ("It is option b.", "B", "B"),
+    ("The answer is: B", "B", "B"),
+    ("the answer isD", "D", "D"),
+    ("Answer - C", "C", "C"),
+    ("The answer is apple", "A", None),  # no word boundary after the letter
+    ("Answer: cube", "C", None),
+    ("the answer is a cube", "A", None),
+    ("answer is: B", None, "B"),  # `answer is` needs `the` before it in lmms-eval's first rule
+    ("The correct answer is B", None, "B"),
+    ("**Answer:** B", None, "B"),
+    ("option: A", None, "A"),  # `option` must be followed by whitespace
+    ("options A", None, "A"),
+    ("I think it is C", None, "C"),
+    ("B. The answer is C", "C", "B"),  # lmms-eval's rules are tried in order over the whole output
+    ("A or option C", "C", "C"),
+    ("option B, the answer is C", "C", None),
+    ("B, C", None, None),  # a comma after the leading letter is not in lmms-eval's list; two letters: ambiguous
+    ("square", None, "D"),
+    ("ring", None, None),
+    ("nothing", None, None),
+    ("(e)", None, None),
+]
+TABLE_CHOICES = ["star", "circle", "hexagon", "square"]
+
+
+@pytest.mark.parametrize("text,reference,strict", EXTRACTION_TABLE)
+def test_extraction_table(text, reference, strict):
+    assert extract_letter_lmms_eval(text) == reference
+    assert extract_letter_strict(text, TABLE_CHOICES) == strict
+    assert mle_bench.EXTRACTORS["gen"](text, TABLE_CHOICES) == reference
+    assert mle_bench.EXTRACTORS["gen_strict"](text, TABLE_CHOICES) == strict
 
 
 def _png(index: int) -> bytes:
@@ -169,11 +210,23 @@ def test_readers_and_exact_accuracies(tmp_path, monkeypatch, writer):
     monkeypatch.setattr(mle_bench, "score_options", _scripted_scores)
     res = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)))
     m = {k: v.value for k, v in res.metrics.items()}
-    assert m["gen/large"] == 1.0 and m["gen/medium"] == 0.5 and m["gen/small"] == 0.0
-    assert m["gen/average"] == pytest.approx(0.5)
-    assert m["gen/answered"] == pytest.approx(8 / 12)
+    # small answers "A or B": lmms-eval reads A (right for the one gold-A item in four), the strict rules no answer
+    assert m["gen/large"] == 1.0 and m["gen/medium"] == 0.5 and m["gen/small"] == 0.25
+    assert m["gen/average"] == pytest.approx((1.0 + 0.5 + 0.25) / 3) and m["gen/answered"] == 1.0
+    assert m["gen_strict/large"] == 1.0 and m["gen_strict/medium"] == 0.5 and m["gen_strict/small"] == 0.0
+    assert m["gen_strict/average"] == pytest.approx(0.5) and m["gen_strict/answered"] == pytest.approx(8 / 12)
     assert m["ll/small"] == m["ll/medium"] == m["ll/large"] == 0.25
     assert res.metrics["gen/large"].n == 4
+    scoring = res.extra["scoring"]  # every metric family is named with the extraction behind it
+    assert {k.rsplit("/", 1)[0] for k in res.metrics} == set(scoring)
+    assert (
+        "lmms-eval" in scoring["gen"]
+        and "_extract_answer_letter" in scoring["gen"]
+        and "strict" in scoring["gen_strict"]
+    )
+    assert scoring["blind/gen"].startswith(scoring["gen"]) and "grey" in scoring["blind/gen"]
+    assert res.extra["examples"][0]["output"] == "A or B"
+    assert res.extra["examples"][0]["gen"] == "A" and res.extra["examples"][0]["gen_strict"] is None
 
 
 def _letter_reading_scores(model, prompts, options, images, **kw):
@@ -219,10 +272,11 @@ def test_blind_baseline_equals_score_of_a_model_that_ignores_the_image(tmp_path,
     monkeypatch.setattr(mle_bench, "score_options", _image_blind_scores)
     res = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)))
     m = {k: v.value for k, v in res.metrics.items()}
-    for kind in ("gen", "ll"):
+    for kind in ("gen", "gen_strict", "ll"):
         for c in ("small", "medium", "large", "average"):
             assert m[f"blind/{kind}/{c}"] == m[f"{kind}/{c}"], (kind, c)
     assert m["ll/average"] == 0.25 and m["gen/average"] == 0.25 and m["blind/gen/answered"] == 1.0
+    assert m["gen_strict/average"] == m["blind/gen_strict/average"] == 0.25
 
 
 def test_blind_baseline_shows_grey_images_and_can_be_switched_off(tmp_path, monkeypatch):
@@ -244,8 +298,11 @@ def test_blind_baseline_shows_grey_images_and_can_be_switched_off(tmp_path, monk
     assert seen[2] == seen[3] == {mle_bench.BLIND_GREY, (8, 8)}  # a uniform grey image of the original size
     table = format_mle_table({"tasks": {"mle_bench": {"metrics": {k: {"value": v} for k, v in m.items()}}}})
     rows = table.splitlines()
-    assert len(rows) == 8 and rows[5].startswith("| blind letter (grey image) | ")
-    assert rows[6] == "| blind likelihood (grey image) | 25.0 | 25.0 | 25.0 | 25.0 |"
+    assert len(rows) == 10 and rows[2] == "| letter (greedy, lmms-eval rules) | 100.0 | 100.0 | 100.0 | 100.0 |"
+    assert rows[3] == "| letter (greedy, strict rules) | 100.0 | 100.0 | 100.0 | 100.0 |"  # side by side
+    assert rows[6].startswith("| blind letter (grey image, lmms-eval rules) | ")
+    assert rows[7].startswith("| blind letter (grey image, strict rules) | ")
+    assert rows[8] == "| blind likelihood (grey image) | 25.0 | 25.0 | 25.0 | 25.0 |"
     off = evaluate_mle_bench(None, items, dataset=DatasetInfo.of("mle", path, len(items)), blind_baseline=False)
     assert not any(k.startswith("blind/") for k in off.metrics) and len(seen) == 6  # text and letter scoring
 
@@ -274,3 +331,28 @@ def test_real_pipeline_runs_on_a_tiny_vlm(tmp_path):
     res = evaluate_mle_bench(TinyVLM(), load_mle_bench(path), dataset=DatasetInfo.of("mle", path, 3), max_new_tokens=3)
     assert set(res.metrics) >= {"gen/small", "gen/medium", "gen/large", "gen/average", "ll/average", "gen/answered"}
     assert all(0.0 <= v.value <= 1.0 for v in res.metrics.values())
+
+
+def test_average_is_the_macro_average_over_the_levels_present(monkeypatch):
+    """lmms-eval's `average`: the mean of the per-level accuracies of the levels in the run, not the pooled accuracy."""
+    small = [mle_bench.MLEItem(Image.new("RGB", (8, 8)), "q", CHOICES, "cube", "existence_0-30") for _ in range(4)]
+    large = [mle_bench.MLEItem(Image.new("RGB", (8, 8)), "q", CHOICES, "cube", "existence_60-100") for _ in range(2)]
+    answers = iter(["A", "A", "A", "B", "A", "B"])  # small: 3 of 4 right, large: 1 of 2
+    monkeypatch.setattr(mle_bench, "generate", lambda m, p, i, **kw: [next(answers) for _ in p])
+    res = evaluate_mle_bench(
+        None, small + large, dataset=DatasetInfo("s", "-", 6, ""), likelihood=False, blind_baseline=False
+    )
+    assert "gen/medium" not in res.metrics
+    assert res.metrics["gen/average"].value == pytest.approx((0.75 + 0.5) / 2)  # pooled would be 4 / 6
+
+
+def test_gold_letter_is_the_answer_position_in_choices(tmp_path):
+    """As lmms-eval: the exact choice, else a case- and space-insensitive match; an answer among no choices is an error
+    naming the file and the row (lmms-eval would score that row wrong)."""
+    item = mle_bench.MLEItem(Image.new("RGB", (8, 8)), "q", CHOICES, " Cone ", "existence_0-30")
+    assert item.gold == 2
+    rows = _rows(1)
+    rows[2]["answer"] = "B"  # a letter is not an answer text
+    path = write_imagefolder(tmp_path / "mle", rows)
+    with pytest.raises(ValueError, match=r"metadata.jsonl: row 2: answer 'B' is not one of the choices"):
+        load_mle_bench(path)

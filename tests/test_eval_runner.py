@@ -55,9 +55,12 @@ def test_every_task_writes_one_results_json(vlm, toyworld_dir, tmp_path):
             assert m["n"] > 0 and m["ci95"][0] <= m["value"] <= m["ci95"][1]
     assert "| mle_bench | gen/average |" in format_table(back)
     table = format_mle_table(back).splitlines()
-    assert table[0] == "| MLE-Bench | small | medium | large | average |" and len(table) == 8
-    assert table[2].startswith("| letter (greedy) | ") and table[3].startswith("| likelihood | ")
-    assert table[4].startswith("| letter likelihood | ") and table[6].startswith("| blind likelihood (grey image) | ")
+    assert table[0] == "| MLE-Bench | small | medium | large | average |" and len(table) == 10
+    assert table[2].startswith("| letter (greedy, lmms-eval rules) | ") and table[4].startswith("| likelihood | ")
+    assert table[3].startswith("| letter (greedy, strict rules) | ")
+    assert table[5].startswith("| letter likelihood | ") and table[8].startswith("| blind likelihood (grey image) | ")
+    assert {"gen_strict/average", "blind/gen_strict/average"} <= set(mle["metrics"])
+    assert "gen" in mle["extra"]["scoring"]
     assert {"blind/ll/small", "blind/ll/medium", "blind/ll/large", "blind/ll/average"} <= set(mle["metrics"])
 
 

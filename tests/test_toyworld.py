@@ -375,7 +375,7 @@ def test_which_exists_items_offer_one_present_shape_and_are_answered_by_letter()
 
 
 def test_sft_trains_lettered_answers(toyworld_dir: Path) -> None:
-    from visprior.eval.mle_bench import extract_letter
+    from visprior.eval.mle_bench import extract_letter_strict as extract_letter
 
     sft = [json.loads(s["json"]) for s in _raw_samples(toyworld_dir / "sft")]
     replies = [

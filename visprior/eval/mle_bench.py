@@ -2,20 +2,28 @@
 
 Rows carry `image`, `question`, `choices` (4), `answer` (the answer *text*) and `sub_task` in `existence_0-30 |
 existence_30-60 | existence_60-100` (the object's share of the image: small / medium / large). The prompt follows lmms-eval's
-`mle_bench` task; the model answers greedily in at most 16 tokens and the letter is extracted by `extract_letter`. Since tiny
-models rarely follow the letter format, two likelihood-scored variants are reported beside it: the option *text* with the
-highest mean log-likelihood (`ll`, cloze-style) and the letter A-D with the highest likelihood as the first answer token
-(`ll_letter`, the constrained form of the generated answer, as MMLU-style harnesses score). Readers: HF `save_to_disk` folders (arrow IPC streams), parquet files, and imagefolder + metadata.jsonl
-(the toy world's layout).
+`mle_bench` task; the model answers greedily in at most 16 tokens and the answer letter is read from the output twice:
+
+- `gen/*`: lmms-eval's own extraction (`extract_letter_lmms_eval`, the rules of `_extract_answer_letter` in
+  `lmms_eval/tasks/mle_bench/utils.py`, quirks included), scored as lmms-eval scores it (the read letter equals the gold
+  letter, the position of `answer` in `choices`; no text fallback) and averaged as it averages (macro over the levels
+  present, its `average`). This is the number to put beside published MLE-Bench results.
+- `gen_strict/*`: a stricter reading (`extract_letter_strict`) that refuses ambiguous outputs (`A or B`, the article in
+  `A cat`) and also reads a letter after the option's name (`hexagon (C)`) or the option's text alone (`hexagon`).
+
+Since tiny models rarely follow the letter format, two likelihood-scored variants are reported beside them: the option *text*
+with the highest mean log-likelihood (`ll`, cloze-style) and the letter A-D with the highest likelihood as the first answer
+token (`ll_letter`, the constrained form of the generated answer, as MMLU-style harnesses score). The task's `extra.scoring`
+in results.json names the scoring behind every metric family. Readers: HF `save_to_disk` folders (arrow IPC streams),
+parquet files, and imagefolder + metadata.jsonl (the toy world's layout).
 
 Blind baseline (`blind_baseline=True`, the default): the same items scored again with every image replaced by a uniform
-grey image of the same size, reported as `blind/gen/*` and `blind/ll/*`. The gap between a score and its blind twin is
-what the image contributed; a blind score away from 25 % means the model exploits priors over the options' text. It
-doubles the cost, so it can be switched off.
+grey image of the same size, reported as `blind/gen/*`, `blind/gen_strict/*`, `blind/ll/*` and `blind/ll_letter/*`. The gap
+between a score and its blind twin is what the image contributed; a blind score away from 25 % means the model exploits
+priors over the options' text. It doubles the cost, so it can be switched off.
 
-Deliberate difference from lmms-eval's `_extract_answer_letter`: it takes the *first* letter-like match, so "A or B" counts as
-A; here an output naming two different letters is no answer. Well-formed answers ("A", "(A)", "A.", "The answer is A",
-"Option A") are read identically, so numbers stay comparable for models that follow the format.
+One deliberate difference: a row whose `answer` is none of its choices (even case-insensitively) is an error at load time
+here; lmms-eval logs a warning and scores the row as wrong.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,14 +65,13 @@ class MLEItem:
 
     @property
     def gold(self) -> int:
-        """Index of the right choice: `answer` is the choice text (a bare letter is accepted too)."""
+        """Index of the right choice, as lmms-eval finds it: the first choice equal to `answer`, else the first equal to it
+        after stripping and lower-casing both."""
         if self.answer in self.choices:
             return self.choices.index(self.answer)
         folded = [c.strip().lower() for c in self.choices]
-        if self.answer.strip().lower() in folded:  # lmms-eval's fallback
+        if self.answer.strip().lower() in folded:
             return folded.index(self.answer.strip().lower())
-        if len(self.answer) == 1 and self.answer.upper() in LETTERS[: len(self.choices)]:
-            return LETTERS.index(self.answer.upper())
         raise ValueError(f"answer {self.answer!r} is not one of the choices {self.choices}")
 
 
@@ -90,7 +97,20 @@ def _item(row: dict, root: Path, image_key: str = "image") -> MLEItem:
         raise ValueError(f"sub_task {row.get('sub_task')!r} is not one of {sorted(LEVELS)}")
     if len(row["choices"]) != 4:
         raise ValueError(f"MLE-Bench rows have 4 choices, got {len(row['choices'])}")
-    return MLEItem(_image(row[image_key], root), row["question"], list(row["choices"]), row["answer"], row["sub_task"])
+    item = MLEItem(_image(row[image_key], root), row["question"], list(row["choices"]), row["answer"], row["sub_task"])
+    _ = item.gold  # a row whose answer is none of its choices fails here, before any generation
+    return item
+
+
+def _items(rows: Sequence[dict], root: Path, source: Path, image_key: str = "image") -> list[MLEItem]:
+    """Rows -> items; a bad row's error names the file and the row."""
+    items = []
+    for i, row in enumerate(rows):
+        try:
+            items.append(_item(row, root, image_key))
+        except (ValueError, KeyError, OSError) as e:
+            raise ValueError(f"{source}: row {i}: {e}") from e
+    return items
 
 
 def _read_arrow(path: Path) -> pa.Table:
@@ -121,16 +141,17 @@ def load_mle_bench(path: str | os.PathLike, limit: int | None = None) -> list[ML
     p = Path(path)
     if p.is_dir() and (p / "metadata.jsonl").exists():
         lines = (p / "metadata.jsonl").read_text().splitlines()
-        items = [_item(json.loads(line), p, "file_name") for line in lines[:limit] if line.strip()]
+        rows = [json.loads(line) for line in lines[:limit] if line.strip()]
+        items = _items(rows, p, p / "metadata.jsonl", "file_name")
     elif p.is_dir() and ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
         d = _save_to_disk_dir(p)
         files = [d / f["filename"] for f in json.loads((d / "state.json").read_text())["_data_files"]]
-        items = [_item(r, d) for r in _rows([_read_arrow(f) for f in files])[:limit]]
+        items = _items(_rows([_read_arrow(f) for f in files])[:limit], d, d)
     else:
         files = [p] if p.is_file() else sorted(p.rglob("*.parquet"))
         if not files:
             raise FileNotFoundError(f"{p}: no metadata.jsonl, save_to_disk state.json or parquet files")
-        items = [_item(r, p if p.is_dir() else p.parent) for r in _rows([pq.read_table(f) for f in files])[:limit]]
+        items = _items(_rows([pq.read_table(f) for f in files])[:limit], p if p.is_dir() else p.parent, p)
     return items
 
 
@@ -152,6 +173,33 @@ def build_prompt(item: MLEItem) -> str:
     return f"<image>\n{item.question.strip()}\n{options}\n{POST_PROMPT}"
 
 
+# lmms-eval's reading of the answer letter, written from the rules of `_extract_answer_letter` in
+# lmms_eval/tasks/mle_bench/utils.py (EvolvingLMMs-Lab/lmms-eval, the task as added in 06221cc4). On the stripped output,
+# first rule that matches wins:
+#   1. anywhere, any case: `the answer is` (optionally then `:` or `-`) or `answer:` / `answer-`, spaces, an optional `(`
+#      or `[`, then a letter a-d. Nothing has to follow the letter, so `The answer is apple` reads A.
+#   2. anywhere, any case: `option`, at least one space, a letter a-d (`option: A` and `options A` do not match).
+#   3. at the start: any `(`/`[`, a letter A-D or a-d, then one of `)`, `]`, `.`, `:` or whitespace, so the article in
+#      `A cat` reads A, `A or B` reads A, and `B, C` reads nothing.
+#   4. the whole output is one letter A-D or a-d.
+# Otherwise no answer: a letter after the option's name (`hexagon (C)`), markdown (`**B**`), `I think C`,
+# `The correct option is B` and the option's text alone all read nothing.
+_LMMS_ANSWER = re.compile(r"(?:the\s+answer\s+is\s*[:\-]?|answer\s*[:\-])\s*[(\[]?([A-Da-d])", re.IGNORECASE)
+_LMMS_OPTION = re.compile(r"option\s+([A-Da-d])", re.IGNORECASE)
+_LMMS_LEADING = re.compile(r"[(\[]*([A-Da-d])[)\].:\s]")
+
+
+def extract_letter_lmms_eval(text: str) -> str | None:
+    """The letter lmms-eval's `mle_bench` task reads from a model output (rules above), upper-case; None for none."""
+    text = text.strip()
+    m = _LMMS_ANSWER.search(text) or _LMMS_OPTION.search(text) or _LMMS_LEADING.match(text)
+    if m:
+        return m.group(1).upper()
+    if len(text) == 1 and text.upper() in LETTERS:
+        return text.upper()
+    return None
+
+
 _WHOLE = re.compile(r"^[\s\"'*(\[]*([A-Da-d])[\s\"'*)\].:,]*$")
 _LEADING = re.compile(r"^[\s\"'*]*\(?([A-D])(?:[).:]|\s*$|\s*\n)")
 _PHRASE = re.compile(
@@ -160,7 +208,7 @@ _PHRASE = re.compile(
 _STANDALONE = re.compile(r"(?<![A-Za-z'])\(?([A-D])(?![A-Za-z'])\)?")
 
 
-def extract_letter(text: str, choices: Sequence[str] | None = None) -> str | None:
+def extract_letter_strict(text: str, choices: Sequence[str] | None = None) -> str | None:
     """The answer letter in a model output, or None (scored wrong) when there is none or it is ambiguous.
 
     Rules, first match wins:
@@ -195,6 +243,23 @@ def _is_article(text: str, m: re.Match) -> bool:
     return m.group(0) == "A" and bool(re.match(r"\s+(?!(?:and|or|nor)\b)[a-z]", text[m.end() :]))
 
 
+EXTRACTORS: dict[str, Callable[[str, Sequence[str]], str | None]] = {
+    "gen": lambda text, choices: extract_letter_lmms_eval(text),
+    "gen_strict": extract_letter_strict,
+}
+"""Metric family -> how its letter is read from the generated output."""
+
+SCORING = {
+    "gen": "greedy generation, letter read by lmms-eval's mle_bench rules (_extract_answer_letter), correct if it is "
+    "the gold letter (the answer's position in choices); macro average over the levels",
+    "gen_strict": "greedy generation, letter read by visprior's strict rules (ambiguous outputs are no answer; a letter "
+    "after the option's name or the option's text alone counts); macro average over the levels",
+    "ll": "option text with the highest mean log-likelihood after the prompt",
+    "ll_letter": "letter A-D with the highest likelihood as the first answer token",
+}
+"""What results.json's `extra.scoring` says about each metric family (the `blind/` twins: the same on grey images)."""
+
+
 # --------------------------------------------------------------------------------------------------------- evaluation
 
 
@@ -216,13 +281,15 @@ def _score(
     likelihood: bool,
     seed: int,
 ) -> list[str]:
-    """Add `{prefix}gen/<level>`, `{prefix}gen/answered` and (optionally) `{prefix}ll/<level>` and
+    """Add `{prefix}{gen,gen_strict}/<level>` and `.../answered` and (optionally) `{prefix}ll/<level>` and
     `{prefix}ll_letter/<level>` to `acc`; return outputs."""
     outputs = generate(model, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     for it, out in zip(items, outputs):
-        letter = extract_letter(out, it.choices)
-        acc.update(f"{prefix}gen/{it.level}", float(letter == LETTERS[it.gold]))
-        acc.update(f"{prefix}gen/answered", float(letter is not None))
+        gold = LETTERS[it.gold]
+        for kind, extract in EXTRACTORS.items():
+            letter = extract(out, it.choices)
+            acc.update(f"{prefix}{kind}/{it.level}", float(letter == gold))
+            acc.update(f"{prefix}{kind}/answered", float(letter is not None))
     if likelihood:
         scores = score_options(model, prompts, [list(it.choices) for it in items], images, batch_size=batch_size)
         for it, s in zip(items, scores):
@@ -244,9 +311,11 @@ def evaluate_mle_bench(
     blind_baseline: bool = True,
     seed: int = 0,
 ) -> TaskResult:
-    """Accuracy per level (small / medium / large) and their macro average, generated and (optionally) likelihood-scored.
+    """Accuracy per level (small / medium / large) and their macro average, generated (read by lmms-eval's rules and by the
+    strict ones) and (optionally) likelihood-scored.
 
     With `blind_baseline`, the same metrics again under `blind/` with every image replaced by a uniform grey one.
+    `extra.scoring` names the scoring behind each metric family; `extra.examples` shows the first outputs and their letters.
     """
     start = time.perf_counter()
     prompts = [chat_prompt(build_prompt(it)) for it in items]
@@ -257,33 +326,44 @@ def evaluate_mle_bench(
     if blind_baseline:
         _score(model, items, prompts, [[blind_image(it.image)] for it in items], acc, "blind/", **kw)
         prefixes.append("blind/")
+    kinds = [*EXTRACTORS, "ll", "ll_letter"] if likelihood else list(EXTRACTORS)
     metrics = {}
     for prefix in prefixes:
-        for kind in ("gen", "ll", "ll_letter") if likelihood else ("gen",):
+        for kind in kinds:
             name = f"{prefix}{kind}"
             per_level = {
                 lvl: acc.accuracy(f"{name}/{lvl}") for lvl in LEVELS.values() if f"{name}/{lvl}" in acc.names()
             }
             metrics.update({f"{name}/{lvl}": m for lvl, m in per_level.items()})
             metrics[f"{name}/average"] = macro_average(list(per_level.values()))
-        metrics[f"{prefix}gen/answered"] = acc.accuracy(f"{prefix}gen/answered")
-    extra = {"examples": [{"prompt": p, "output": o} for p, o in list(zip(prompts, outputs))[:3]]}
-    return TaskResult("mle_bench", dataset, metrics, time.perf_counter() - start, extra)
+        for kind in EXTRACTORS:
+            metrics[f"{prefix}{kind}/answered"] = acc.accuracy(f"{prefix}{kind}/answered")
+    scoring = {f"{p}{k}": SCORING[k] + (", on grey images" if p else "") for p in prefixes for k in kinds}
+    examples = [
+        {"prompt": p, "output": o, "gold": LETTERS[it.gold], **{k: ex(o, it.choices) for k, ex in EXTRACTORS.items()}}
+        for p, o, it in list(zip(prompts, outputs, items))[:3]
+    ]
+    return TaskResult(
+        "mle_bench", dataset, metrics, time.perf_counter() - start, {"scoring": scoring, "examples": examples}
+    )
 
 
 MLE_TABLE_ROWS = (
-    ("gen", "letter (greedy)"),
+    ("gen", "letter (greedy, lmms-eval rules)"),
+    ("gen_strict", "letter (greedy, strict rules)"),
     ("ll", "likelihood"),
     ("ll_letter", "letter likelihood"),
-    ("blind/gen", "blind letter (grey image)"),
+    ("blind/gen", "blind letter (grey image, lmms-eval rules)"),
+    ("blind/gen_strict", "blind letter (grey image, strict rules)"),
     ("blind/ll", "blind likelihood (grey image)"),
     ("blind/ll_letter", "blind letter likelihood (grey image)"),
 )
 
 
 def format_mle_table(results: dict) -> str:
-    """The MLE-Bench table as papers print it: one row per scoring (generated letter, likelihood), small / medium / large /
-    average in percent, from a `results.json` document; then the blind-baseline rows (grey image) when they were run."""
+    """The MLE-Bench table as papers print it: one row per scoring (generated letter read by lmms-eval's rules and by the
+    strict ones, likelihood), small / medium / large / average in percent, from a `results.json` document; then the
+    blind-baseline rows (grey image) when they were run."""
     metrics = results["tasks"]["mle_bench"]["metrics"]
     lines = ["| MLE-Bench | small | medium | large | average |", "|---|---:|---:|---:|---:|"]
     for kind, label in MLE_TABLE_ROWS:

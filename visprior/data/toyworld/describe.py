@@ -275,7 +275,7 @@ def answer_text(item: VQAItem) -> str:
     Naming the object first makes the image -> word step the one the model learns; the letter then only has to be read
     off the option list. Measured on the toy VLM (frozen shape-aware tower, 16 image tokens): trained to answer with
     the bare letter it stayed at chance on MLE-Bench after 6,400 examples, while answering with the name reached
-    43-46 % after 4,800. `extract_letter` reads the letter from `circle (B)`.
+    43-46 % after 4,800. `extract_letter_strict` reads the letter from `circle (B)`.
     """
     if item.choices and item.meta.get("lettered"):
         return f"{item.answer} ({LETTERS[item.choices.index(item.answer)]})"
