@@ -1,8 +1,10 @@
-"""Toy VQA: open-ended (VQAv2-normalised exact match) and multiple choice (likelihood-scored), per question type.
+"""Toy VQA: open-ended (EvalAI-normalised exact match) and multiple choice (likelihood-scored), per question type.
 
-The normalisation follows the official VQAv2 evaluation script (punctuation, number words to digits, articles, contractions),
-so an answer like "Two." matches "2". With the toy set's single reference the VQA "min(#humans/3, 1)" accuracy is exact match.
-Multiple-choice questions are scored by the mean log-likelihood of each choice, which needs no answer-format following.
+Answers are normalised as lmms-eval normalises them for its open-ended VQA tasks (TextVQA, VizWiz, OK-VQA): its
+`EvalAIAnswerProcessor` (lmms_eval/tasks/_task_utils/vqa_eval_metric.py, the VQA evaluation's processor as MMF ships it),
+so an answer like "Two." matches "2" and a visprior exact match is the one lmms-eval would count. With the toy set's single
+reference the VQA "min(#humans/3, 1)" accuracy is exact match. Multiple-choice questions are scored by the mean
+log-likelihood of each choice, which needs no answer-format following.
 """
 
 from __future__ import annotations
@@ -21,12 +23,41 @@ from visprior.data.shards import iter_samples, resolve_shards
 from visprior.eval.generate import chat_prompt, generate, pick_option, score_options
 from visprior.eval.results import Accumulator, DatasetInfo, Metric, TaskResult
 
+# The processor's steps, written from its behaviour (quirks kept, so the normalised strings are the same):
+#   1. tokenise: lower-case, drop every `,` and `?`, split off `'s` (`it's red` -> `it 's red`, `square's` -> `square 's`),
+#      then newlines and tabs become spaces and the ends are stripped;
+#   2. punctuation: each of `_PUNCT` is deleted if it sits next to a space anywhere in the text *as it came in* (or the text
+#      has a comma between digits), else replaced by a space; then every `.` not followed by a digit is deleted, at most 32
+#      of them (the processor passes re.UNICODE, 32, where `re.sub` takes its count), so `3.` -> `3` but `3.5` stays;
+#   3. words: number words zero-ten (and `none`) -> digits, articles dropped, contractions restored from `_CONTRACTIONS`.
+#      Only its lower-case keys can match (words are lower-cased first), so `im` and `ive` stay as they are, and since `'s`
+#      was split off in step 1, `what's` ends as `what 's` while `whats` becomes `what's`.
+# lmms-eval's VQAv2 task runs steps 2 and 3 only (`normalize_answer(text, tokenize=False)`).
 _CONTRACTIONS = {
-    "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
-    "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "hes": "he's", "im": "i'm", "isnt": "isn't", "itd": "it'd",
-    "itll": "it'll", "ive": "i've", "shouldnt": "shouldn't", "thats": "that's", "theres": "there's", "theyre": "they're",
-    "wasnt": "wasn't", "werent": "weren't", "whats": "what's", "wheres": "where's", "whos": "who's", "wont": "won't",
-    "wouldnt": "wouldn't", "youre": "you're", "youve": "you've", "lets": "let's", "shes": "she's",
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's", "theyd": "they'd",
+    "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
 }  # fmt: skip
 _NUMBERS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7",
@@ -34,26 +65,33 @@ _NUMBERS = {
 }  # fmt: skip
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_PERIOD_STRIP = re.compile(r"(?<!\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+_PERIOD = re.compile(r"\.(?!\d)")
+_PERIODS_STRIPPED = 32
+_DIGIT_COMMA_DIGIT = re.compile(r"\d,+\d")
 
 
-def normalize_answer(text: str) -> str:
-    """VQAv2 answer normalisation: lower case, punctuation, number words -> digits, no articles, fixed contractions."""
-    text = text.replace("\n", " ").replace("\t", " ").strip().lower()
+def _tokenize(text: str) -> str:
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _punctuation(text: str) -> str:
+    delete = _DIGIT_COMMA_DIGIT.search(text) is not None
+    out = text
     for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_STRIP.search(text):
-            text = text.replace(p, "")
-        else:
-            text = text.replace(p, " ")
-    text = _PERIOD_STRIP.sub("", text)
-    words = []
-    for w in text.split():
-        w = _NUMBERS.get(w, w)
-        if w in _ARTICLES:
-            continue
-        words.append(_CONTRACTIONS.get(w, w))
-    return " ".join(words)
+        out = out.replace(p, "" if delete or p + " " in text or " " + p in text else " ")
+    return _PERIOD.sub("", out, count=_PERIODS_STRIPPED)
+
+
+def _words(text: str) -> str:
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def normalize_answer(text: str, *, tokenize: bool = True) -> str:
+    """lmms-eval's EvalAI answer normalisation (steps above); `tokenize=False` is its VQAv2 task's variant."""
+    text = _tokenize(text) if tokenize else text.replace("\n", " ").replace("\t", " ").strip()
+    return _words(_punctuation(text))
 
 
 def exact_match(prediction: str, references: Sequence[str]) -> bool:
