@@ -97,13 +97,35 @@ def test_lightning_checkpoint_loads_weights_only(tmp_path: Path) -> None:
     assert "combined_loader" in ckpt["loops"]["fit_loop"]["state_dict"]  # StatefulDataLoader state is plain data
 
 
-def test_save_last_link_is_atomic_symlink(tmp_path: Path) -> None:
+class Killed(BaseException):
+    """Stands for a SIGKILL landing inside the link swap (not an OSError, so no fallback path catches it)."""
+
+
+def test_save_last_link_is_atomic_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cb = AtomicModelCheckpoint(dirpath=tmp_path, save_last="link", save_top_k=-1, every_n_train_steps=1)
     fit(tmp_path, 3, [cb])
     last = tmp_path / "last.ckpt"
     assert last.is_symlink() and os.readlink(last) == "epoch=0-step=3.ckpt"
     assert safe_load(last)["global_step"] == 3
     assert not list(tmp_path.glob("*.tmp-*"))
+
+    # the swap dies half-way: the new step-5 file is complete, creating the link to it fails. A delete-then-link swap
+    # (Lightning's own) has removed last.ckpt by then; a rename swap still points at the step-4 file.
+    real_symlink = os.symlink
+
+    def dying_symlink(target, link, *args, **kwargs):
+        if str(target).endswith("step=5.ckpt"):
+            raise Killed
+        return real_symlink(target, link, *args, **kwargs)
+
+    monkeypatch.setattr(os, "symlink", dying_symlink)
+    cb = AtomicModelCheckpoint(dirpath=tmp_path / "swap", save_last="link", save_top_k=-1, every_n_train_steps=1)
+    with pytest.raises(Killed):
+        fit(tmp_path / "swap", 6, [cb])
+    last = tmp_path / "swap" / "last.ckpt"
+    assert (tmp_path / "swap" / "epoch=0-step=5.ckpt").is_file()
+    assert last.exists(), "last.ckpt resolves to nothing after a failed swap"
+    assert safe_load(last)["global_step"] == 4
 
 
 @dataclasses.dataclass

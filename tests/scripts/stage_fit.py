@@ -2,12 +2,13 @@
 
     python stage_fit.py --record OUT.json [--pause-at K] [--nan-at S,S,...] [--ckpt-every N] -- fit --config ... [more CLI args]
 
-The callback (`StageProbe`, added as `--trainer.callbacks+=`) writes OUT.json after every batch (so a killed process leaves
-what it trained): per global step the loss as a Python float (`repr` precision; `null` for a skipped step), the batch's
-sample keys and a checksum of the trainable parameters after the step. `--pause-at K` makes rank 0 wait at the start of
-step K (after writing `<OUT>.paused`) until a signal arrives; `--nan-at` fills the batch's pixel values with NaN at those
-steps, so the stage's own forward produces a NaN loss; `--ckpt-every N` makes the trainer fragment's checkpoint callback
-save every N steps. Under DDP each rank writes OUT.json with `-rank<r>` before `.json`.
+The callback (`StageProbe`, added as `--trainer.callbacks+=`) writes `<OUT>.started` when the first step begins (so an
+error raised inside a step still leaves a mark) and OUT.json after every batch (so a killed process leaves what it
+trained): per global step the loss as a Python float (`repr` precision; `null` for a skipped step), the batch's sample
+keys and a checksum of the trainable parameters after the step. `--pause-at K` makes rank 0 wait at the start of step K
+(after writing `<OUT>.paused`) until a signal arrives; `--nan-at` fills the batch's pixel values with NaN at those steps,
+so the stage's own forward produces a NaN loss; `--ckpt-every N` makes the trainer fragment's checkpoint callback save
+every N steps. Under DDP each rank writes OUT.json with `-rank<r>` before `.json`.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class StageProbe(pl.Callback):
         self.ckpt_every = ckpt_every
         self.record: dict[str, Any] = {"losses": {}, "keys": {}, "params": {}, "world_size": 1, "rank": 0}
         self._step = -1
+        self.started = self.out.with_name(self.out.name + ".started")
 
     def path(self, trainer: pl.Trainer) -> Path:
         if trainer.world_size == 1:
@@ -44,6 +46,8 @@ class StageProbe(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step = trainer.global_step
+        if not self.started.exists():  # a step began: an error raised inside it still leaves this mark
+            self.started.write_text(str(self._step))
         if self._step in self.nan_at and batch.get("pixel_values") is not None:
             batch["pixel_values"].fill_(float("nan"))
         if self._step == self.pause_at and trainer.global_rank == 0:
