@@ -271,8 +271,8 @@ def test_vqa_answers_agree_with_scene_and_pixels(toyworld_dir: Path) -> None:
         objects = meta["objects"]
         assert meta["answer"] == _expected_answer(meta["question_type"], meta["query"], objects), meta["question"]
         reply = meta["conversations"][1]["value"]
-        if meta["question_type"] == "which_exists":  # lettered: the reply names the answer and its letter
-            assert reply == f"{meta['answer']} ({'ABCD'[meta['choices'].index(meta['answer'])]})"
+        if meta["question_type"] == "which_exists":  # lettered: the reply is the answer's letter, then its text
+            assert reply == f"{'ABCD'[meta['choices'].index(meta['answer'])]}. {meta['answer']}"
             assert sum(any(o["shape"] == c for o in objects) for c in meta["choices"]) == 1
         else:
             assert reply == meta["answer"]
@@ -365,25 +365,30 @@ def test_which_exists_items_offer_one_present_shape_and_are_answered_by_letter()
         assert item is not None
         present = {o.shape for o in scene.objects}
         assert len(set(item.choices)) == 4 and [c in present for c in item.choices].count(True) == 1
-        name, letter = answer_text(item).split(" ")
-        assert letter[0] == "(" and letter[2] == ")" and item.choices["ABCD".index(letter[1])] == item.answer
+        letter, name = answer_text(item).split(". ")
+        assert letter in "ABCD" and len(letter) == 1 and item.choices["ABCD".index(letter)] == item.answer
         assert name == item.answer and item.answer in present
         lines = question_text(item).splitlines()
         assert lines[1:5] == [f"{x}. {c}" for x, c in zip("ABCD", item.choices)] and lines[5] == LETTER_INSTRUCTION
-        letters[letter[1]] += 1
+        letters[letter] += 1
     assert set(letters) == set("ABCD") and min(letters.values()) > 30, letters  # the answer's letter is shuffled
 
 
 def test_sft_trains_lettered_answers(toyworld_dir: Path) -> None:
-    from visprior.eval.mle_bench import extract_letter_strict as extract_letter
+    """Lettered replies are `C. hexagon`: lmms-eval's MLE-Bench rules and the strict ones both read the option's letter."""
+    from visprior.eval.mle_bench import extract_letter_lmms_eval, extract_letter_strict
 
     sft = [json.loads(s["json"]) for s in _raw_samples(toyworld_dir / "sft")]
-    replies = [
-        turns[i + 1]["value"]
+    lettered = [
+        (turns[i]["value"], turns[i + 1]["value"])
         for m in sft
         for turns in [m["conversations"]]
         for i in range(0, len(turns), 2)
         if turns[i]["value"].endswith("from the given choices directly.")
     ]
-    assert len(replies) > len(sft) / 3
-    assert all(extract_letter(r) == r[-2] and r[-3:] in ("(A)", "(B)", "(C)", "(D)") for r in replies), replies[:5]
+    assert len(lettered) > len(sft) / 3
+    for question, reply in lettered:
+        options = dict(line.split(". ", 1) for line in question.removeprefix("<image>\n").splitlines()[1:5])
+        letter, name = reply.split(". ", 1)
+        assert options[letter] == name, (question, reply)
+        assert extract_letter_lmms_eval(reply) == extract_letter_strict(reply, list(options.values())) == letter, reply

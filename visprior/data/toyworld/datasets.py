@@ -46,7 +46,8 @@ def pairs(rng: random.Random, n: int, size: int, max_objects: int) -> Iterator[P
 DESCRIBE_SHARE = 0.15
 """Conversations opening with a detailed description. Their long answers dominate a token-averaged loss: at 0.4 (with
 bare-letter replies) descriptions and captions were 86 % of the supervised SFT tokens and lettered existence answers 1.7 %,
-and the toy VLM stayed at chance on them; at 0.15 with `name (letter)` replies: 62 % and 17 % (measured on shard 0)."""
+and the toy VLM stayed at chance on them; at 0.15 with `name (letter)` replies: 62 % and 17 % (measured on shard 0, world
+version 3)."""
 WHICH_EXISTS_SHARE = 0.5
 """Extra lettered existence questions in SFT conversations: the skill MLE-Bench measures, as LLaVA-1.5 mixes in A-OKVQA."""
 

@@ -270,13 +270,14 @@ def question_text(item: VQAItem) -> str:
 
 
 def answer_text(item: VQAItem) -> str:
-    """The reply a model is trained to give: for lettered items the option's text, then its letter (`circle (B)`).
+    """The reply a model is trained to give: for lettered items the option's letter, then its text (`C. hexagon`).
 
-    Naming the object first makes the image -> word step the one the model learns; the letter then only has to be read
-    off the option list. Measured on the toy VLM (frozen shape-aware tower, 16 image tokens): trained to answer with
-    the bare letter it stayed at chance on MLE-Bench after 6,400 examples, while answering with the name reached
-    43-46 % after 4,800. `extract_letter_strict` reads the letter from `circle (B)`.
+    The letter leads because that is the form lmms-eval's `mle_bench` task reads (a leading letter followed by `.`; a letter
+    after the name, `hexagon (C)`, reads as no answer there), so the toy VLM's generated-letter score is measured as the
+    benchmark measures it. The option's text follows so the reply still names the object. Earlier measurement on the toy
+    VLM (frozen shape-aware tower, 16 image tokens), with other replies: the bare letter stayed at chance on MLE-Bench after
+    6,400 examples, the name first (`circle (B)`) reached 43-46 % after 4,800.
     """
     if item.choices and item.meta.get("lettered"):
-        return f"{item.answer} ({LETTERS[item.choices.index(item.answer)]})"
+        return f"{LETTERS[item.choices.index(item.answer)]}. {item.answer}"
     return item.answer

@@ -21,9 +21,10 @@ from visprior.data.toyworld.describe import QUESTION_TYPES
 from visprior.data.toyworld.mle import LEVELS, excluded_shapes, write_mle_bench
 from visprior.data.toyworld.world import SHAPES, vocabulary
 
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 """Bumped when the generated data change for a given preset and seed (2: lettered `which_exists` SFT questions; 3: fewer
-detailed descriptions in SFT), so callers such as `make demo` regenerate an old toy world instead of training on it."""
+detailed descriptions in SFT; 4: lettered replies lead with the letter, `C. hexagon`, the form lmms-eval's MLE-Bench reads,
+in `sft` and `eval/vqa` only), so callers such as `make demo` regenerate an old toy world instead of training on it."""
 
 
 @dataclass(frozen=True)
