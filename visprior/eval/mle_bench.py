@@ -174,10 +174,10 @@ def build_prompt(item: MLEItem) -> str:
 
 
 # lmms-eval's reading of the answer letter, written from the rules of `_extract_answer_letter` in
-# lmms_eval/tasks/mle_bench/utils.py (EvolvingLMMs-Lab/lmms-eval, the task as added in 06221cc4). On the stripped output,
-# first rule that matches wins:
-#   1. anywhere, any case: `the answer is` (optionally then `:` or `-`) or `answer:` / `answer-`, spaces, an optional `(`
-#      or `[`, then a letter a-d. Nothing has to follow the letter, so `The answer is apple` reads A.
+# lmms_eval/tasks/mle_bench/utils.py (EvolvingLMMs-Lab/lmms-eval, as added in 06221cc4 and unchanged at 75571cfe). On the
+# stripped output, the first rule that matches wins:
+#   1. anywhere, any case: `the answer is` (optionally then `:` or `-`) or `answer` then `:` or `-`, spaces, an optional
+#      `(` or `[`, then a letter a-d. Nothing has to follow the letter, so `The answer is apple` reads A.
 #   2. anywhere, any case: `option`, at least one space, a letter a-d (`option: A` and `options A` do not match).
 #   3. at the start: any `(`/`[`, a letter A-D or a-d, then one of `)`, `]`, `.`, `:` or whitespace, so the article in
 #      `A cat` reads A, `A or B` reads A, and `B, C` reads nothing.
