@@ -1,4 +1,5 @@
-"""Packing: per-document positions and masks, label masking, round trip, padding figure, resume, and loss equality in a Llama."""
+"""Packing: per-document positions, the model's boundary label rule, round trip, padding figure, resume, and loss equality in a
+Llama (samples with and without a prompt, so the first label of a document is really supervised by the data)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ from visprior.data.packing import (
     Packer,
     Padder,
     best_fill,
-    block_causal_bias,
-    block_causal_mask,
     collate_rows,
     pack_sequences,
     pad_sequences,
@@ -22,6 +21,7 @@ from visprior.data.packing import (
     unpack,
 )
 from visprior.data.tokenize import IGNORE_INDEX, TokenizedSample
+from visprior.models.attention import block_causal_bias, block_causal_mask, mask_document_starts
 
 PAD = 1
 
@@ -35,22 +35,28 @@ def sample(key: str, n: int, rng: random.Random, n_images: int = 0, prompt: int 
 
 
 def samples_of(lengths: list[int], seed: int = 0) -> list[TokenizedSample]:
+    """Every third sample has no prompt: its first label is a real target that only the model's boundary rule masks."""
     rng = random.Random(seed)
-    return [sample(f"s{i}", n, rng, n_images=i % 2, prompt=n // 3) for i, n in enumerate(lengths)]
+    return [sample(f"s{i}", n, rng, n_images=i % 2, prompt=0 if i % 3 == 0 else n // 3) for i, n in enumerate(lengths)]
 
 
 def test_positions_documents_and_labels() -> None:
     batch = pack_sequences(samples_of([5, 3, 4, 6]), seq_len=10, pad_id=PAD, buffer_size=8)
-    for pos, docs, ids, labels in zip(
-        batch["position_ids"], batch["document_ids"], batch["input_ids"], batch["labels"]
+    trained = mask_document_starts(batch["labels"], batch["document_ids"])  # what the model supervises
+    unmasked_starts = 0
+    for pos, docs, ids, labels, targets in zip(
+        batch["position_ids"], batch["document_ids"], batch["input_ids"], batch["labels"], trained
     ):
         for d in docs.unique().tolist():
             sel = docs == d
             if d >= 0:
                 assert pos[sel].tolist() == list(range(int(sel.sum())))
-                assert labels[sel][0] == IGNORE_INDEX  # never predicted across a document boundary
+                assert targets[sel][0] == IGNORE_INDEX  # never predicted across a document boundary
+                unmasked_starts += int(labels[sel][0] != IGNORE_INDEX)
+                assert torch.equal(targets[sel][1:], labels[sel][1:])  # the rule touches nothing else
         assert (ids[docs == -1] == PAD).all() and (labels[docs == -1] == IGNORE_INDEX).all()
     assert batch["document_ids"].max() >= 1  # something was packed
+    assert unmasked_starts >= 1, "no document started with a supervised label: the rule was not exercised"
 
 
 def test_pack_unpack_recovers_samples() -> None:
@@ -60,7 +66,7 @@ def test_pack_unpack_recovers_samples() -> None:
     assert sorted(docs) == sorted(s.key for s in samples)
     for s in samples:
         ids, labels = docs[s.key]
-        assert ids == s.input_ids and labels[1:] == s.labels[1:] and labels[0] == IGNORE_INDEX
+        assert ids == s.input_ids and labels == s.labels  # the packer leaves labels as the tokenizer made them
     # images are stacked row-major in document order
     expected = torch.stack([im for k in batch["keys"] for s in samples if s.key == k for im in s.images])
     assert torch.equal(batch["pixel_values"], expected)
@@ -177,7 +183,10 @@ def test_packed_loss_equals_loss_alone_in_llama(attn: str) -> None:
             position_ids=batch["position_ids"],
         ).logits
         assert not logits.isnan().any()
-        packed = dict(zip(batch["keys"], _loss_per_document(logits, batch["labels"], batch["document_ids"])))
+        labels = mask_document_starts(batch["labels"], batch["document_ids"])
+        inside_rows = (labels != batch["labels"])[:, 1:]
+        assert inside_rows.any(), "no packed document after the first of a row started with a supervised label"
+        packed = dict(zip(batch["keys"], _loss_per_document(logits, labels, batch["document_ids"])))
         for s in samples:
             ids, labels = torch.tensor([s.input_ids]), torch.tensor([s.labels])
             alone = _loss_per_document(model(input_ids=ids).logits, labels, torch.zeros_like(ids))[0]

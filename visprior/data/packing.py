@@ -1,14 +1,10 @@
-"""Rows of tokenized samples: packing several documents per row (or one per row), collation, and the block-causal mask.
+"""Rows of tokenized samples: packing several documents per row (or one per row), and collation into batches.
 
 `Packer` keeps a small buffer of samples and, once it is full, emits the fullest row a subset of the buffer can make (exact
-subset-sum, see `best_fill`), so padding stays well under 5 %. Within a row every document restarts its position ids at 0 and carries its own
-document id (-1 for padding); `block_causal_mask` turns those ids into an attention mask that never crosses documents.
-The first label of every document is set to -100: with the usual shifted loss it would be predicted from the previous
-document's last token, and alone it is never predicted at all, so masking it makes a packed document's loss equal its loss alone.
-
-Mask forms for Hugging Face LMs (transformers 5, checked in `masking_utils.py` and the attention functions): a 4D mask is passed
-through unchanged. `sdpa` accepts a boolean mask (True = attend) or an additive float mask; `eager` *adds* the mask to the scores,
-so a boolean mask would silently add 1/0. `block_causal_bias` (0 / dtype-min, in the model's dtype) is right for both.
+subset-sum, see `best_fill`), so padding stays well under 5 %. Within a row every document restarts its position ids at 0
+and carries its own document id (-1 for padding). That is all the data hands over: the attention mask and the rule that
+a document's first token is never predicted from the previous document belong to the model (`visprior.models.attention`),
+which builds them from `document_ids` in the form its attention backend takes. Labels stay as the tokenizer made them.
 """
 
 from __future__ import annotations
@@ -40,7 +36,7 @@ class Row:
         doc = len(self.keys)
         n = len(sample.input_ids)
         self.input_ids.extend(sample.input_ids)
-        self.labels.extend([IGNORE_INDEX] + list(sample.labels[1:]))
+        self.labels.extend(sample.labels)
         self.position_ids.extend(range(n))
         self.document_ids.extend([doc] * n)
         self.images.extend(sample.images)
@@ -203,25 +199,3 @@ def unpack(batch: dict[str, Any]) -> list[tuple[str, list[int], list[int]]]:
             out.append((next(keys), ids[sel].tolist(), labels[sel].tolist()))
     return out
 
-
-def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """BoolTensor [B, 1, T, T], True where query i may attend key j: same document, j <= i, document >= 0.
-
-    Padding positions (-1) attend to themselves only, so no softmax row is empty (no NaN).
-    """
-    b, t = document_ids.shape
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
-    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
-    valid = (document_ids >= 0)[:, :, None]
-    eye = torch.eye(t, dtype=torch.bool, device=document_ids.device)
-    return ((same & causal & valid) | eye).unsqueeze(1)
-
-
-def block_causal_bias(document_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Additive float mask [B, 1, T, T]: 0 where `block_causal_mask` is True, the dtype's minimum elsewhere.
-
-    Pass this as `attention_mask` to a Hugging Face LM: it is right for both `eager` and `sdpa` attention.
-    """
-    mask = block_causal_mask(document_ids)
-    zero = torch.zeros((), dtype=dtype, device=document_ids.device)
-    return torch.where(mask, zero, torch.finfo(dtype).min)

@@ -3,6 +3,7 @@
 from visprior.models.connectors import CONNECTORS, ConnectorSpec, build_connector
 from visprior.models.language import LanguageModelSpec, build_language_model, causal_lm_loss
 from visprior.models.vision import VisionTower, VisionTowerSpec, build_vision_tower
+from visprior.models.visual_words import VisualWordsSpec
 from visprior.models.vlm import (
     VisionLanguageModel,
     VLMOutput,
@@ -21,6 +22,7 @@ __all__ = [
     "VisionLanguageModel",
     "VisionTower",
     "VisionTowerSpec",
+    "VisualWordsSpec",
     "build_connector",
     "build_language_model",
     "build_vision_tower",

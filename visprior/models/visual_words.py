@@ -1,45 +1,89 @@
 """VW-LMM (Peng et al., 2024, "Multi-modal Auto-regressive Modeling via Visual Words"): supervise the LM at image positions.
 
 A plain VLM trains only on text; VW-LMM also asks the LM to predict each visual token, as a distribution over its own
-vocabulary (a "visual word"). The target comes from a `vm_head`, a linear map from the visual embedding to the vocabulary:
-`loss = KL(softmax(vm_head(v) / T) || softmax(lm_logits / T))`, the KL from the target to the LM's prediction, so the LM's
-distribution is pulled onto the visual word (forward KL, as in distillation: the target's mass must be covered).
-By default the target is not detached, so the same loss trains the vm_head; `detach_target=True` freezes it per step.
-As in any autoregressive loss, the logits that predict the visual token at position t are the LM's logits at t - 1
-(`shifted_image_logits`). `pseudo_image_features` turns predicted visual words back into embeddings (softmax @ E).
+vocabulary (a "visual word"). The target comes from a `vm_head`, a linear map (hidden -> vocab, no bias) from the projected
+image embedding to the vocabulary. Checked against the released `visual_words/model/language_model/vw_llama.py` and
+`vw_arch.py` (pengts/VW-LMM, commit b1aeaef):
+
+- `vm_head` is applied to the LM's input embeddings at image positions, i.e. the connector outputs;
+- the target for image position t + 1 is `softmax(vm_head(x_{t+1}))`, the prediction `log_softmax(lm_logits_t)` (the same
+  shift as the text loss), over every image position of the batch flattened, with `KLDivLoss(reduction="batchmean")`:
+  the sum of `KL(target || prediction)` divided by the number of positions (`visual_words_kl`);
+- the target is not detached (the KL trains `vm_head` and, through it, the connector); `detach_target=True` is our switch;
+- total loss = text cross-entropy + KL with weight 1; image positions carry label -100, so they stay out of the text loss;
+- the *pseudo image features* variant (`vw_pif_arch.py`) feeds the LM `softmax(vm_head(x)) @ E` (E the input embedding
+  matrix) in place of the image features, with the same target (`pseudo_image_features`).
+
+The released code has no temperature; ours defaults to 1 (the release). An image token whose previous token lies in another
+packed document (or that starts a row) has no prediction and is left out, so a packed batch gives every sample the loss it
+has alone.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def vm_head(visual_dim: int, vocab_size: int) -> nn.Linear:
-    """Visual-modelling head: visual embedding `[.., D]` -> vocabulary logits `[.., V]` (the visual word)."""
-    return nn.Linear(visual_dim, vocab_size, bias=False)
+from visprior.models.attention import crosses_document
 
 
-def shifted_image_logits(logits: torch.Tensor, image_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class VisualWordsSpec:
+    """The visual-words loss of a VLM stage (VW-LMM); absent (`null` in YAML) means text loss only."""
+
+    weight: float = 1.0
+    """Total loss = text cross-entropy + weight x visual-words KL (the release: 1)."""
+    detach_target: bool = False
+    """Stop the gradient through the target softmax(vm_head(v)) (the release does not)."""
+    pseudo_image_features: bool = False
+    """Feed the LM softmax(vm_head(v)) @ E instead of the image features v (VW-LMM's PIF variant)."""
+    temperature: float = 1.0
+    """Softmax temperature of target and prediction (the release: 1)."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"visual_words.temperature must be > 0, got {self.temperature}")
+        if self.weight < 0:
+            raise ValueError(f"visual_words.weight must be >= 0, got {self.weight}")
+
+
+def vm_head(visual_dim: int, vocab_size: int, init_std: float | None = None) -> nn.Linear:
+    """Visual-modelling head: visual embedding `[.., D]` -> vocabulary logits `[.., V]` (the visual word).
+
+    `init_std`: normal init with this std (the release inherits the LM's `initializer_range` through `post_init`).
+    """
+    head = nn.Linear(visual_dim, vocab_size, bias=False)
+    if init_std is not None:
+        nn.init.normal_(head.weight, std=init_std)
+    return head
+
+
+def predicted_image_positions(image_mask: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """BoolTensor `[B, T]`: image tokens whose previous position exists and lies in the same document."""
+    if document_ids is None:
+        document_ids = torch.zeros_like(image_mask, dtype=torch.long)
+    return image_mask & ~crosses_document(document_ids)
+
+
+def shifted_image_logits(
+    logits: torch.Tensor, image_mask: torch.Tensor, document_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """LM logits that predict each image token, row-major like the image features: `([M, V], keep [M])`.
 
     `logits` `[B, T, V]`, `image_mask` `[B, T]`. The prediction for position t is the logit row at t - 1; an image token
-    at t = 0 has none, so `keep` is False there (its row is a placeholder).
+    at t = 0, or right after a document boundary, has none, so `keep` is False there (its row is a zero placeholder).
     """
-    previous = torch.zeros_like(image_mask)  # [B, T]: True at t - 1 for every image token at t
-    previous[:, :-1] = image_mask[:, 1:]
-    starts_with_image = image_mask[:, 0]  # [B]
-    predictors = logits[previous]  # [M', V] in row-major order, missing the tokens at t = 0
-    if not bool(starts_with_image.any()):
-        return predictors, torch.ones(predictors.shape[0], dtype=torch.bool, device=logits.device)
-    rows = image_mask.sum(dim=1)  # [B] image tokens per row
-    out = logits.new_zeros(int(rows.sum()), logits.shape[-1])  # [M, V]
-    keep_flat = torch.ones(out.shape[0], dtype=torch.bool, device=logits.device)
-    starts = torch.cumsum(rows, 0) - rows  # first flat index of each row
-    keep_flat[starts[starts_with_image]] = False
-    out[keep_flat] = predictors
-    return out, keep_flat
+    predicted = predicted_image_positions(image_mask, document_ids)  # [B, T]
+    keep = predicted[image_mask]  # [M]
+    predictors = logits[:, :-1][predicted[:, 1:]]  # [M_kept, V] row-major
+    if bool(keep.all()):
+        return predictors, keep
+    out = logits.new_zeros(keep.shape[0], logits.shape[-1])  # [M, V]
+    out[keep] = predictors
+    return out, keep
 
 
 def visual_words_kl(
@@ -49,11 +93,13 @@ def visual_words_kl(
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
     detach_target: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean over visual tokens of `KL(softmax(head(v)/T) || softmax(lm_logits/T))`; 0 (in the graph) when none is kept.
+    """`KL(softmax(head(v)/T) || softmax(lm_logits/T))` per visual token, averaged over the kept ones (`batchmean`).
 
     `lm_logits` `[M, V]` (from `shifted_image_logits`), `visual_embeddings` `[M, D]` or `[N, K, D]` with N * K = M,
-    `mask` `[M]` selects the tokens that count.
+    `mask` `[M]` selects the tokens that count. `reduction="none"` returns the per-token values `[M]` (0 where masked);
+    the mean is 0 (still in the graph) when no token is kept.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -68,7 +114,26 @@ def visual_words_kl(
     per_token = F.kl_div(log_pred, log_target, log_target=True, reduction="none").sum(-1)  # [M]
     if mask is None:
         mask = torch.ones_like(per_token, dtype=torch.bool)
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+    per_token = per_token * mask
+    if reduction == "none":
+        return per_token
+    if reduction != "mean":
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    return per_token.sum() / mask.sum().clamp(min=1)
+
+
+def visual_words_loss(
+    logits: torch.Tensor,
+    image_mask: torch.Tensor,
+    features: torch.Tensor,
+    head: nn.Module,
+    spec: VisualWordsSpec,
+    document_ids: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The VLM's visual-words KL: LM `logits` `[B, T, V]`, `image_mask` `[B, T]`, connector outputs `features` `[N, K, D]`."""
+    predictions, keep = shifted_image_logits(logits, image_mask, document_ids)  # [M, V], [M]
+    return visual_words_kl(predictions, features, head, spec.temperature, keep, spec.detach_target, reduction=reduction)
 
 
 def pseudo_image_features(

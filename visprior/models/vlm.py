@@ -3,6 +3,10 @@
 Connector outputs replace the `<image>` token embeddings in order, so the LM never sees a special image path and stays a
 plain HF causal LM that can be saved and exported as it is. With `vision_tower=None` the same class is the text-only model
 of the language pre-training stage: one forward signature for every stage, and its `language_model` initialises the next.
+
+The model owns the rules of packed rows (`models/attention.py`): the attention mask in its backend's form, and which
+targets are supervised (not the first token of a packed document, never an image position). With `visual_words` it adds
+VW-LMM's KL at image positions through a `vm_head` component (`models/visual_words.py`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from PIL import Image
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from visprior.data.packing import block_causal_mask
+from visprior.models.attention import attention_mask_for, mask_document_starts
 from visprior.models.connectors import ConnectorSpec, build_connector
 from visprior.models.language import (
     IGNORE_INDEX,
@@ -26,8 +30,9 @@ from visprior.models.language import (
     turn_averaged_loss,
 )
 from visprior.models.vision import VisionTower, VisionTowerSpec, build_vision_tower
+from visprior.models.visual_words import VisualWordsSpec, pseudo_image_features, visual_words_loss, vm_head
 
-COMPONENTS = ("vision_tower", "connector", "language_model")
+COMPONENTS = ("vision_tower", "connector", "language_model", "vm_head")
 
 
 @dataclass
@@ -37,25 +42,24 @@ class VLMSpec:
     language_model: LanguageModelSpec
     vision_tower: VisionTowerSpec | None = None
     connector: ConnectorSpec = field(default_factory=ConnectorSpec)
+    visual_words: VisualWordsSpec | None = None
+    """VW-LMM's loss at image positions (adds a `vm_head` component); None: text loss only."""
 
 
 @dataclass
 class VLMOutput:
-    """Loss (None without labels), logits `[B, T, V]`, supervised-token count, and the image features used."""
+    """Loss (None without labels), logits `[B, T, V]`, supervised-token count, and the image features used.
+
+    With visual words, `loss = text_loss + weight * visual_words_loss`; without, `loss = text_loss`.
+    """
 
     loss: torch.Tensor | None
     logits: torch.Tensor
     num_supervised: torch.Tensor | None
-    image_features: torch.Tensor | None = None  # [N, K, D] connector outputs placed at image_mask
+    image_features: torch.Tensor | None = None  # [N, K, D] connector outputs (before any pseudo-feature mapping)
     image_mask: torch.Tensor | None = None  # [B, T] True at image-token positions
-
-
-def _attention_mask(document_ids: torch.Tensor, dtype: torch.dtype, attn_implementation: str) -> torch.Tensor:
-    """The block-causal mask in the form the LM's attention backend takes (bool for sdpa, additive float for eager)."""
-    mask = block_causal_mask(document_ids)  # [B, 1, T, T]
-    if mask.dtype == torch.bool and attn_implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    return mask
+    text_loss: torch.Tensor | None = None
+    visual_words_loss: torch.Tensor | None = None
 
 
 class VisionLanguageModel(nn.Module):
@@ -67,13 +71,21 @@ class VisionLanguageModel(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         vision_tower: VisionTower | None = None,
         connector: nn.Module | None = None,
+        visual_words: VisualWordsSpec | None = None,
+        vm_head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if (vision_tower is None) != (connector is None):
             raise ValueError("give both a vision tower and a connector, or neither (text-only model)")
+        if (visual_words is None) != (vm_head is None):
+            raise ValueError("visual_words and vm_head come together")
+        if visual_words is not None and vision_tower is None:
+            raise ValueError("the visual-words loss needs a vision tower (it supervises image positions)")
         self.vision_tower = vision_tower
         self.connector = connector
         self.language_model = language_model
+        self.vm_head = vm_head
+        self.visual_words = visual_words
         self.tokenizer = tokenizer
         self.image_token_id: int = image_token_id(tokenizer)
         self.num_image_tokens: int = connector.num_tokens if connector is not None else 0
@@ -104,7 +116,11 @@ class VisionLanguageModel(nn.Module):
                 f"input_ids hold {num_image_tokens} image tokens but {features.shape[0]} images x {features.shape[1]} "
                 f"tokens per image = {expected} are needed (num_image_tokens={self.num_image_tokens})"
             )
-        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))  # row-major, in order
+        placed = features
+        if self.visual_words is not None and self.visual_words.pseudo_image_features:
+            table = self.language_model.get_input_embeddings().weight  # [V, D]
+            placed = pseudo_image_features(self.vm_head(features), table, self.visual_words.temperature)  # [N, K, D]
+        embeds = embeds.masked_scatter(is_image.unsqueeze(-1), placed.to(embeds.dtype))  # row-major, in order
         return embeds, features
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,30 +139,36 @@ class VisionLanguageModel(nn.Module):
         """Logits and (with labels) the loss: mean over supervised tokens, or over answer turns (`loss_average="turn"`).
 
         `document_ids` `[B, T]` (-1 = padding) gives block-causal attention, and targets whose previous token lies in
-        another document are not supervised; without it attention is plain causal over the row.
+        another document are not supervised; without it attention is plain causal over the row. Image positions are
+        never text targets. With `visual_words` the loss adds the KL at image positions (see `VLMOutput`).
         """
+        if loss_average not in ("token", "turn"):
+            raise ValueError(f"loss_average must be 'token' or 'turn', got {loss_average!r}")
         embeds, features = self._embed(input_ids, pixel_values)  # [B, T, D]
         if document_ids is not None:
             attn_impl = self.language_model.config._attn_implementation
-            attention_mask = _attention_mask(document_ids, embeds.dtype, attn_impl)  # [B, 1, T, T]
+            attention_mask = attention_mask_for(document_ids, attn_impl, embeds.dtype)  # [B, 1, T, T] or a BlockMask
         else:  # an explicit 2D mask stops transformers from inferring packing from position_ids
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)  # [B, T]
         out = self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         )
-        loss = num_supervised = None
-        if labels is not None:
-            if document_ids is not None:
-                crosses = torch.zeros_like(labels, dtype=torch.bool)  # [B, T]
-                crosses[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-                labels = labels.masked_fill(crosses, IGNORE_INDEX)
-            loss, num_supervised = causal_lm_loss(out.logits, labels)
-            if loss_average == "turn":
-                loss = turn_averaged_loss(out.logits, labels)
-            elif loss_average != "token":
-                raise ValueError(f"loss_average must be 'token' or 'turn', got {loss_average!r}")
         image_mask = input_ids == self.image_token_id if features is not None else None
-        return VLMOutput(loss, out.logits, num_supervised, features, image_mask)
+        loss = num_supervised = text_loss = vw_loss = None
+        if labels is not None:
+            labels = mask_document_starts(labels, document_ids)
+            if image_mask is not None:
+                labels = labels.masked_fill(image_mask, IGNORE_INDEX)
+            text_loss, num_supervised = causal_lm_loss(out.logits, labels)
+            if loss_average == "turn":
+                text_loss = turn_averaged_loss(out.logits, labels)
+            loss = text_loss
+            if self.visual_words is not None and features is not None:
+                vw_loss = visual_words_loss(
+                    out.logits, image_mask, features, self.vm_head, self.visual_words, document_ids
+                )
+                loss = text_loss + self.visual_words.weight * vw_loss
+        return VLMOutput(loss, out.logits, num_supervised, features, image_mask, text_loss, vw_loss)
 
 
 def build_vlm(spec: VLMSpec) -> VisionLanguageModel:
@@ -157,7 +179,11 @@ def build_vlm(spec: VLMSpec) -> VisionLanguageModel:
     tower = build_vision_tower(spec.vision_tower)
     lm_dim = language_model.get_input_embeddings().embedding_dim
     connector = build_connector(spec.connector, tower.hidden_size, lm_dim, tower.num_tokens)
-    return VisionLanguageModel(language_model, tokenizer, tower, connector)
+    head = None
+    if spec.visual_words is not None:
+        vocab = language_model.get_output_embeddings().out_features
+        head = vm_head(lm_dim, vocab, getattr(language_model.config, "initializer_range", None))
+    return VisionLanguageModel(language_model, tokenizer, tower, connector, spec.visual_words, head)
 
 
 def set_trainable(model: nn.Module, components: Iterable[str]) -> None:

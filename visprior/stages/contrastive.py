@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visprior.data.packing import block_causal_mask
+from visprior.models.attention import attention_mask_for
 from visprior.models.language import LanguageModelSpec, build_language_model
 from visprior.models.vision import VisionTowerSpec, build_vision_tower
 from visprior.stages.base import Stage, StepOutput, coerce
@@ -106,11 +106,10 @@ class ContrastivePretraining(Stage):
     def embed_texts(self, batch: dict[str, Any]) -> torch.Tensor:
         text = self.model["text_encoder"]
         base = getattr(text, text.base_model_prefix)  # the decoder without its LM head
+        dtype = base.get_input_embeddings().weight.dtype
+        mask = attention_mask_for(batch["document_ids"], text.config._attn_implementation, dtype)  # [B, 1, T, T]
         hidden = base(
-            input_ids=batch["input_ids"],
-            position_ids=batch["position_ids"],
-            attention_mask=block_causal_mask(batch["document_ids"]),  # [B, 1, T, T]
-            use_cache=False,
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False
         ).last_hidden_state  # [B, T, D_t]
         supervised = batch["labels"] != -100  # caption + eos
         positions = torch.arange(supervised.shape[1], device=supervised.device)
