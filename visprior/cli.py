@@ -26,8 +26,9 @@ Our own:
   data tokenizer --data DIR --out DIR [--vocab_size N]    train the toy BPE tokenizer on a toy world's corpora
   data convert llava-json|obelics|mmc4|img2dataset|text SRC [--images DIR] --out DIR   real datasets to shards
 
-Evaluation:
+Evaluation and hand-off (RUN_OR_CKPT: a run, a .ckpt, or a llava-hf / original LLaVA / VILA / visprior export folder):
   eval --checkpoint RUN_OR_CKPT [--tasks mle_bench,vqa,fewshot,caption,text,probe] [--data DIR] [--out DIR]
+  export RUN_OR_CKPT --format hf-llava|visprior --out DIR   LlavaForConditionalGeneration folder, or visprior's own
 
 Run `visprior <command> --help` for the options of one command.
 """
@@ -91,7 +92,18 @@ def run_eval(argv: Sequence[str]) -> None:
     CLI(evaluate_checkpoint, args=list(argv), as_positional=False, prog="visprior eval")
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": run_data, "eval": run_eval}
+def run_export(argv: Sequence[str]) -> None:
+    from jsonargparse import CLI
+
+    from visprior.checkpoints import export_checkpoint
+
+    try:
+        CLI(export_checkpoint, args=list(argv), as_positional=True, prog="visprior export")
+    except (FileExistsError, FileNotFoundError, ValueError) as e:  # CheckpointFormatError is a ValueError
+        raise SystemExit(f"visprior export: {e}") from None
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": run_data, "eval": run_eval, "export": run_export}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

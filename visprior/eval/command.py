@@ -20,11 +20,13 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     seed: int = 0,
     model_name: str | None = None,
+    vision_tower: str | None = None,
 ) -> Path:
     """Evaluate a checkpoint on the toy world's evaluation sets (or a local MLE-Bench copy) and write `results.json`.
 
     Args:
-        checkpoint: a VLM stage's `.ckpt`, or its run directory (`<run>/checkpoints/last.ckpt` is taken).
+        checkpoint: a VLM stage's `.ckpt` or run directory (`<run>/checkpoints/last.ckpt` is taken), or a released or
+            exported folder: llava-hf, original LLaVA, VILA, `visprior export` (default --out: runs/eval/<folder name>).
         tasks: comma-separated: mle_bench, vqa, fewshot, caption, text, probe.
         data: toy world folder holding `eval/`.
         out: folder for results.json; default `<run directory>/eval`.
@@ -33,11 +35,17 @@ def evaluate_checkpoint(
         batch_size: prompts per generation batch.
         seed: for sampled shots and bootstrap intervals.
         model_name: name recorded in results.json; default the checkpoint path.
+        vision_tower: local tower folder for an original LLaVA checkpoint whose mm_vision_tower is a hub id.
     """
     names = parse_tasks(tasks)  # a typo fails before the model is loaded
-    ckpt = resolve_checkpoint(checkpoint)
-    out_dir = Path(out) if out else ckpt.parent.parent / "eval"
-    model = load_vlm(ckpt)
+    try:
+        ckpt = resolve_checkpoint(checkpoint)
+        default_out = ckpt.parent.parent / "eval"
+    except FileNotFoundError:  # a released / exported folder: never write into it
+        ckpt = Path(checkpoint)
+        default_out = Path("runs") / "eval" / ckpt.resolve().name
+    out_dir = Path(out) if out else default_out
+    model = load_vlm(ckpt, vision_tower=vision_tower)
     options = EvalOptions(limit=limit, batch_size=batch_size, seed=seed, mle_bench_path=mle_bench)
     doc = evaluate(
         model, names, data, out_dir, model_name=model_name or str(ckpt), checkpoint=str(ckpt), options=options

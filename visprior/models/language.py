@@ -140,12 +140,18 @@ def build_language_model(spec: LanguageModelSpec) -> tuple[PreTrainedModel, PreT
         )
     tokenizer = load_tokenizer(tokenizer_path, spec.trust_remote_code)
     if spec.config is not None:
+        # a config that names its vocabulary keeps it (released models pad it, e.g. llava-1.5: 32064 rows, 32002 tokens)
+        vocab_size = spec.config.get("vocab_size") or len(tokenizer)
+        if vocab_size < len(tokenizer) and not spec.add_image_token:
+            raise ValueError(f"language model config has vocab_size {vocab_size} but the tokenizer at {tokenizer_path!r} "
+                             f"has {len(tokenizer)} tokens")  # fmt: skip
         special = {
             k: getattr(tokenizer, k)
             for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if getattr(tokenizer, k) is not None
+            if getattr(tokenizer, k) is not None and k not in spec.config
         }
-        model = causal_lm_from_config(spec.config, spec.attn_implementation, vocab_size=len(tokenizer), **special)
+        overrides = {"vocab_size": vocab_size, **special}
+        model = causal_lm_from_config(spec.config, spec.attn_implementation, **overrides)
     else:
         model = load_causal_lm(spec)
     if spec.add_image_token:

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from visprior.stages.init_from import InitFrom, apply_init_from
+from visprior.stages.init_from import InitFrom, apply_init_from, as_init_list
 from visprior.training.nonfinite import skip_nonfinite
 
 
@@ -81,7 +81,7 @@ class Stage(pl.LightningModule):
     def __init__(
         self,
         trainable: dict[str, float],
-        init_from: list[InitFrom] | None = None,
+        init_from: str | InitFrom | list[InitFrom] | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 0,
@@ -94,8 +94,9 @@ class Stage(pl.LightningModule):
         """
         Args:
             trainable: component -> learning rate; components not listed are frozen and kept in eval mode.
-            init_from: weights-only initialisation of named components from a `.ckpt`, safetensors file or HF folder
-                (not resuming: use `ckpt_path` for that).
+            init_from: weights-only initialisation of named components from a `.ckpt`, safetensors file, HF folder or
+                released VLM folder (llava-hf, LLaVA, VILA); a bare path loads every component (not resuming: use
+                `ckpt_path` for that).
             weight_decay: AdamW decay for matrices; biases and norm weights (1-D parameters) never decay.
             betas: AdamW betas.
             warmup_steps: linear warmup steps.
@@ -109,7 +110,7 @@ class Stage(pl.LightningModule):
         """
         super().__init__()
         self.trainable = dict(trainable)
-        self.init_from = [coerce(InitFrom, spec) for spec in init_from or []]
+        self.init_from = as_init_list(init_from)
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.warmup_steps = warmup_steps

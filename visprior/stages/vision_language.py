@@ -18,6 +18,7 @@ from visprior.models.vision import VisionTowerSpec
 from visprior.models.vlm import VisionLanguageModel, VLMSpec, build_vlm
 from visprior.stages.base import Stage, StepOutput, coerce
 from visprior.stages.flops import flops_factor, transformer_flops_per_token
+from visprior.stages.init_from import resolve_model_specs
 
 
 def batch_counts(batch: dict[str, Any]) -> tuple[int, int]:
@@ -116,23 +117,27 @@ class VisionLanguagePretraining(VLMStage):
 
     def __init__(
         self,
-        language_model: LanguageModelSpec,
-        vision_tower: VisionTowerSpec,
+        language_model: LanguageModelSpec | None = None,
+        vision_tower: VisionTowerSpec | None = None,
         connector: ConnectorSpec | None = None,
         trainable: dict[str, float] | None = None,
         **stage_args: Any,
     ):
         """
         Args:
-            language_model: the LM and tokenizer (a toy config or a local HF folder).
-            vision_tower: the vision tower (config or local folder) and the layer it is read at.
+            language_model: the LM and tokenizer (a toy config or a local HF folder); None: from `init_from`.
+            vision_tower: the vision tower (config or local folder) and the layer it is read at; None: from `init_from`.
             connector: vision features -> LM embeddings (default `mlp2x_gelu`, one token per patch).
             trainable: component -> learning rate (default: the connector only at 1e-3, LLaVA's alignment stage).
             stage_args: the shared options of `Stage`.
         """
-        language_model = coerce(LanguageModelSpec, language_model)
-        vision_tower = coerce(VisionTowerSpec, vision_tower)
-        connector = coerce(ConnectorSpec, connector) or ConnectorSpec()
+        language_model, vision_tower, connector, stage_args["init_from"] = resolve_model_specs(
+            coerce(LanguageModelSpec, language_model),
+            coerce(VisionTowerSpec, vision_tower),
+            coerce(ConnectorSpec, connector),
+            stage_args.get("init_from"),
+        )
+        connector = connector or ConnectorSpec()
         trainable = trainable if trainable is not None else {"connector": 1e-3}
         super().__init__(VLMSpec(language_model, vision_tower, connector), trainable=trainable, **stage_args)
         self.save_plain_hyperparameters(
@@ -149,8 +154,8 @@ class InstructionTuning(VLMStage):
 
     def __init__(
         self,
-        language_model: LanguageModelSpec,
-        vision_tower: VisionTowerSpec,
+        language_model: LanguageModelSpec | None = None,
+        vision_tower: VisionTowerSpec | None = None,
         connector: ConnectorSpec | None = None,
         trainable: dict[str, float] | None = None,
         loss_average: Literal["token", "turn"] = "token",
@@ -158,17 +163,21 @@ class InstructionTuning(VLMStage):
     ):
         """
         Args:
-            language_model: the LM and tokenizer (a toy config or a local HF folder).
-            vision_tower: the vision tower (config or local folder) and the layer it is read at.
+            language_model: the LM and tokenizer (a toy config or a local HF folder); None: from `init_from`.
+            vision_tower: the vision tower (config or local folder) and the layer it is read at; None: from `init_from`.
             connector: vision features -> LM embeddings (default `mlp2x_gelu`, one token per patch).
             trainable: component -> learning rate (default: connector 1e-3 and language model 2e-4).
             loss_average: `token` (LLaVA: mean over supervised tokens) or `turn` (every answer turn weighs the same, so
                 one-word answers are not outweighed by long descriptions).
             stage_args: the shared options of `Stage`.
         """
-        language_model = coerce(LanguageModelSpec, language_model)
-        vision_tower = coerce(VisionTowerSpec, vision_tower)
-        connector = coerce(ConnectorSpec, connector) or ConnectorSpec()
+        language_model, vision_tower, connector, stage_args["init_from"] = resolve_model_specs(
+            coerce(LanguageModelSpec, language_model),
+            coerce(VisionTowerSpec, vision_tower),
+            coerce(ConnectorSpec, connector),
+            stage_args.get("init_from"),
+        )
+        connector = connector or ConnectorSpec()
         trainable = trainable if trainable is not None else {"connector": 1e-3, "language_model": 2e-4}
         super().__init__(
             VLMSpec(language_model, vision_tower, connector),
