@@ -106,7 +106,7 @@ def test_checkpoint_initialises_another_stage_vision_tower(trained, tokenizer_di
     before = {k: v.clone() for k, v in other.model["vision_tower"].state_dict().items()}
     other.initialise()
     loaded = other.model["vision_tower"].state_dict()
-    trained_tower = stage.model["vision_tower"].state_dict()
+    trained_tower = stage.model.vision_tower.state_dict()
     assert loaded.keys() == trained_tower.keys()
     for k, v in trained_tower.items():
         assert torch.equal(loaded[k], v), k
@@ -190,3 +190,93 @@ def test_stage_yaml_runs_at_smoke_size(toyworld_dir, tmp_path, monkeypatch):
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"], "the loader position is in the checkpoint"
     assert {k.split(".")[1] for k in ckpt["state_dict"]} == {"vision_tower", "head"}
     assert ckpt["state_dict"]["model.head.weight"].shape == (8, 256)
+
+
+# ---------------------------------------------------------------------------------------------------- LM4VE
+
+TINY_VIT = {
+    "model_type": "vit",
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+BLOCK_LM = {**TINY_LM, "vocab_size": 64}
+
+
+def lm4ve_stage(variant: str) -> ImageClassification:
+    from visprior.models.frozen_block import FrozenBlockSpec
+
+    torch.manual_seed(0)
+    return ImageClassification(
+        VisionTowerSpec(config=TINY_VIT, select="cls_patch", drop_path=0.1),
+        num_classes=8,
+        frozen_block=FrozenBlockSpec(variant, LanguageModelSpec(config=BLOCK_LM)),
+        head_norm=True,
+        pool="cls",
+        label_smoothing=0.1,
+        warmup_steps=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def lm4ve_runs(toyworld_dir: Path) -> dict[str, tuple[ImageClassification, dict, dict]]:
+    """Each variant, 4 steps on the smoke shapes: (stage, parameters before, parameters after)."""
+    shapes = toyworld_dir / "eval" / "shapes"
+    runs = {}
+    for variant in ("llm_block", "llm_block_unfrozen", "mlp", "none"):
+        stage = lm4ve_stage(variant)
+        before = {n: p.detach().clone() for n, p in stage.model.named_parameters()}
+        dm = ImageClassificationDataModule(str(shapes / "train"), batch_size=8, batches_per_epoch=4)
+        pl.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(stage, dm)
+        runs[variant] = (stage, before, {n: p.detach().clone() for n, p in stage.model.named_parameters()})
+    return runs
+
+
+def trainable_count(stage: ImageClassification) -> int:
+    return sum(t for _, t, _ in stage.parameter_table())
+
+
+def test_frozen_block_stays_bit_identical_while_adapters_train(lm4ve_runs) -> None:
+    stage, before, after = lm4ve_runs["llm_block"]
+    block = [n for n in before if n.startswith("frozen_block.block.")]
+    assert block and all(not stage.model.get_parameter(n).requires_grad for n in block)
+    assert all(torch.equal(before[n], after[n]) for n in block), "the frozen LLM block changed"
+    assert all(stage.model.get_parameter(n).grad is None for n in block)  # it never received a gradient
+    for name in ("frozen_block.adapter_in.weight", "frozen_block.adapter_out.weight", "head.weight", "norm.weight"):
+        assert not torch.equal(before[name], after[name]), f"{name} did not train"
+    assert not stage.model.frozen_block.block.training  # a frozen block is kept in eval mode through fit
+
+
+def test_unfrozen_block_trains_and_the_mlp_control_matches_the_trainable_count(lm4ve_runs) -> None:
+    stage, before, after = lm4ve_runs["llm_block_unfrozen"]
+    block = [n for n in before if n.startswith("frozen_block.block.")]
+    assert all(stage.model.get_parameter(n).requires_grad for n in block)
+    assert any(not torch.equal(before[n], after[n]) for n in block), "the unfrozen block did not train"
+    frozen, mlp, none = (lm4ve_runs[v][0] for v in ("llm_block", "mlp", "none"))
+    assert abs(trainable_count(mlp) - trainable_count(frozen)) <= 0.01 * trainable_count(frozen)
+    assert trainable_count(none) < trainable_count(frozen) < trainable_count(stage)
+    table = {name: (t, f) for name, t, f in frozen.parameter_table()}
+    assert table["frozen_block"] == (2 * 32 * 64, 4 * 64 * 64 + 3 * 64 * 128 + 2 * 64)  # adapters / the Llama layer
+
+
+def test_variant_llm_block_refuses_to_train_its_block() -> None:
+    from visprior.models.frozen_block import FrozenBlockSpec
+
+    with pytest.raises(ValueError, match="llm_block_unfrozen"):
+        ImageClassification(
+            VisionTowerSpec(config=TINY_VIT, select="cls_patch"),
+            num_classes=8,
+            frozen_block=FrozenBlockSpec("llm_block", LanguageModelSpec(config=BLOCK_LM)),
+            pool="cls",
+            trainable={"vision_tower": 1e-3, "frozen_block.block": 1e-3, "head": 1e-3},
+        )

@@ -28,7 +28,7 @@ TEXT = ["text/web", "text/code", "text/math"]
 def text_data(root: Path, tokenizer, **kwargs) -> VisionLanguageDataModule:
     kwargs = {"batch_size": 2, "seq_len": 64, "batches_per_epoch": 3, **kwargs}
     dm = VisionLanguageDataModule([SourceSpec(str(root / s), weight=w) for s, w in zip(TEXT, (3, 1, 1))], **kwargs)
-    dm.connect(tokenizer)
+    dm.connect(tokenizer, image_transform=None, num_image_tokens=0)
     return dm
 
 

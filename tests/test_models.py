@@ -319,3 +319,22 @@ def test_tower_from_full_clip_folder_and_resolution_override(tmp_path: Path) -> 
     larger = build_vision_tower(VisionTowerSpec(path=str(tmp_path / "clip"), image_size=48))
     assert larger.num_patches == 36 and larger(torch.randn(1, 3, 48, 48)).shape == (1, 36, 32)
     assert larger.image_transform(Image.new("RGB", (60, 50))).shape == (3, 48, 48)
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_TOWERS))
+def test_tower_drop_path_in_training_only(model_type: str) -> None:
+    from visprior.models.vision import DropPathHook
+
+    torch.manual_seed(0)
+    plain = build_vision_tower(VisionTowerSpec(config=tiny_tower_config(model_type), feature_layer=-1))
+    torch.manual_seed(0)
+    dropping = build_vision_tower(
+        VisionTowerSpec(config=tiny_tower_config(model_type), feature_layer=-1, drop_path=0.5)
+    )
+    rates = [h.rate for m in dropping.modules() for h in m._forward_hooks.values() if isinstance(h, DropPathHook)]
+    assert sorted(set(rates)) == [0.0, 0.5]  # linear in depth: 0 at the first layer, drop_path at the last
+    pixels = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(dropping.eval()(pixels), plain.eval()(pixels))
+        dropping.train()
+        assert not torch.allclose(dropping(pixels), dropping(pixels))

@@ -194,7 +194,7 @@ def test_text_pretraining_lowers_heldout_perplexity(toyworld_dir, tokenizer_dir)
     categories = ["web", "encyclopedia", "literature", "visual"]
     dm = data(toyworld_dir, *[f"text/{c}" for c in categories], batch_size=4, seq_len=128, val_batches=3)
     dm.val_sources = [SourceSpec(str(toyworld_dir / "eval/text" / c)) for c in categories]
-    dm.connect(stage.tokenizer)
+    dm.connect(stage.tokenizer, stage.image_transform, stage.num_image_tokens)
     before = heldout_loss(stage, dm)
     trainer(60).fit(stage, dm)
     after = heldout_loss(stage, dm)

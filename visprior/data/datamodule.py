@@ -1,8 +1,9 @@
 """The LightningDataModule every stage trains from: weighted shard sources -> tokenized, packed (or padded) batches.
 
 Only data choices are configured here (sources and weights, batch, sequence length, packing, workers, seed). The tokenizer,
-image transform and image-token count belong to the model, so `setup` takes them from `trainer.lightning_module` (litgpt's
-`connect` idea): they are never written twice in YAML and cannot disagree with the model.
+image transform and image-token count belong to the model, so `setup` hands them over from `trainer.lightning_module` to
+`connect` (litgpt's `data.connect(...)`): they are never written twice in YAML and cannot disagree with the model. Every
+value is required: a stage that lacks one is an error naming it, never a silent zero.
 
 Exact resume: `TrainStream` is stateful per worker and is served by a `StatefulDataLoader`, whose `state_dict` Lightning 2.6
 stores in the checkpoint (`loops.fit_loop.state_dict.combined_loader`) and restores before the first batch of a resumed run.
@@ -91,6 +92,16 @@ class FixedBatches(IterableDataset):
         return itertools.islice(iter(self.build()), self.num_batches)
 
 
+def required_from(module: Any, name: str, datamodule: Any) -> Any:
+    """`module.<name>`, which the data module needs from the stage; its absence is an error naming both."""
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise TypeError(
+            f"{type(datamodule).__name__} needs `{name}` from the stage, but {type(module).__name__} does not provide it"
+        ) from None
+
+
 class FingerprintedData:
     """Data-module checkpoint state: a fingerprint of the data config, refused on resume if it changed."""
 
@@ -167,16 +178,15 @@ class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
 
     # ------------------------------------------------------------------------------------------------ late binding
 
-    def connect(self, tokenizer: Any, image_transform: Any = None, num_image_tokens: int = 0) -> None:
-        """Take the model's tokenizer, image transform and image-token count (called by `setup`, or by hand)."""
+    def connect(self, tokenizer: Any, image_transform: Any, num_image_tokens: int) -> None:
+        """Take the model's tokenizer, image transform (None for text only) and image-token count (0 for text only)."""
         self.tokenizer, self.image_transform, self.num_image_tokens = tokenizer, image_transform, num_image_tokens
 
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
             module = self.trainer.lightning_module
-            self.connect(
-                module.tokenizer, getattr(module, "image_transform", None), getattr(module, "num_image_tokens", 0)
-            )
+            names = ("tokenizer", "image_transform", "num_image_tokens")
+            self.connect(*(required_from(module, name, self) for name in names))
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         if self.tokenizer is None:
             raise RuntimeError(

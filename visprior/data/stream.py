@@ -186,7 +186,7 @@ class ShardStream(IterableDataset):
                 p["offset"] += 1
                 self.counter.seen += 1
                 try:
-                    sample = decode_sample(self.kind, key, members)
+                    sample = self.decode(key, members)
                 except SampleError as e:
                     self.counter.skip(e.reason, path, str(e))
                     self._on_skip()
@@ -195,6 +195,10 @@ class ShardStream(IterableDataset):
             if len(block) < k:
                 return total[0]
             skip, block_index = 0, block_index + 1
+
+    def decode(self, key: str, members: dict[str, bytes]) -> Any:
+        """One sample from its raw members (a `SampleError` is a counted skip); subclasses read other layouts."""
+        return decode_sample(self.kind, key, members)
 
     def _on_skip(self) -> None:
         if self.quality_check is not None:

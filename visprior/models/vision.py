@@ -4,6 +4,11 @@ LLaVA-style VLMs read the penultimate layer's patch tokens, not the tower's pool
 embeddings and only the encoder layers up to `feature_layer` itself; the layers after it, the post-layernorm and any pooling
 head never reach the output, so they are kept frozen (also through `requires_grad_`): DDP requires every trainable
 parameter to receive a gradient. The wrapped HF model stays whole, so it can be saved and exported as it is.
+
+Stochastic depth (`drop_path`, DeiT's regulariser) is added without touching the HF layers: a forward hook on each residual
+branch (the attention and MLP outputs before their residual add) zeroes the branch for a random subset of samples in
+training and rescales the rest by 1 / keep, at a rate rising linearly from 0 at the first layer to `drop_path` at the
+last (timm's `dpr` rule).
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ class VisionTowerSpec:
     """`patch`: patch tokens only; `cls_patch`: keep the CLS token in front (CLIP / ViT only)."""
     image_size: int | None = None
     """Input resolution if not the config's; position embeddings are then interpolated."""
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last layer (DeiT ViT-S: 0.1), rising linearly from 0; applied in training only."""
 
 
 class ImageTransform:
@@ -93,11 +100,41 @@ def build_image_transform(model_type: str, image_size: int, folder: str | None =
     return ImageTransform(processor, image_size)
 
 
+class DropPathHook:
+    """Forward hook dropping a residual branch per sample with probability `rate` (training only), scaling by 1/keep.
+
+    A class rather than a closure, so towers stay picklable (spawned DDP workers) and deep-copyable (EMA).
+    """
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        if not module.training or self.rate <= 0.0:
+            return output
+        branch = output[0] if isinstance(output, tuple) else output  # [N, P, D]
+        keep = 1.0 - self.rate
+        mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.dim() - 1)).bernoulli_(keep) / keep
+        return (branch * mask, *output[1:]) if isinstance(output, tuple) else branch * mask
+
+
+def residual_branches(layer: nn.Module, model_type: str) -> list[nn.Module]:
+    """The modules whose outputs are added to the residual stream in one encoder layer."""
+    if model_type == "vit":  # ViTLayer applies its `dropout` to both branches right before each residual add
+        return [layer.dropout]
+    return [layer.self_attn, layer.mlp]  # SigLIP / CLIP encoder layers
+
+
 class VisionTower(nn.Module):
     """An HF vision model read at `feature_layer`: `[N, C, H, W]` pixels -> `[N, P, D]` features."""
 
     def __init__(
-        self, model: PreTrainedModel, feature_layer: int = -2, select: str = "patch", image_size: int | None = None
+        self,
+        model: PreTrainedModel,
+        feature_layer: int = -2,
+        select: str = "patch",
+        image_size: int | None = None,
+        drop_path: float = 0.0,
     ) -> None:
         super().__init__()
         model_type = _tower_model_type(model.config.model_type)
@@ -124,6 +161,15 @@ class VisionTower(nn.Module):
         self.image_transform: Callable[[Image.Image], torch.Tensor] = build_image_transform(
             model_type, self.image_size, getattr(model, "name_or_path", None) or None
         )
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+        self.drop_path = drop_path
+        if drop_path > 0:
+            layers = self._layers()
+            for i, layer in enumerate(layers):
+                rate = drop_path * i / max(len(layers) - 1, 1)
+                for branch in residual_branches(layer, model_type):
+                    branch.register_forward_hook(DropPathHook(rate))
         self.requires_grad_(any(p.requires_grad for p in self.parameters()))
 
     def _layers(self) -> nn.ModuleList:
@@ -206,4 +252,4 @@ def build_vision_tower(spec: VisionTowerSpec) -> VisionTower:
         extra = {"add_pooling_layer": False} if model_cls is ViTModel else {}
         model = model_cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **extra)
         image_size = spec.image_size
-    return VisionTower(model, spec.feature_layer, spec.select, image_size)
+    return VisionTower(model, spec.feature_layer, spec.select, image_size, spec.drop_path)

@@ -145,8 +145,21 @@ class Stage(pl.LightningModule):
             self.model.get_submodule(comp).requires_grad_(True)
 
     def frozen_modules(self) -> list[nn.Module]:
-        """Top-level components without any trainable parameter (kept in eval mode)."""
-        return [m for m in self.components().values() if not any(p.requires_grad for p in m.parameters())]
+        """The largest submodules without any trainable parameter (kept in eval mode): whole frozen components, and the
+        frozen parts of trainable ones (LM4VE's LLM block inside `frozen_block`, a tower's unused layers)."""
+        found: list[nn.Module] = []
+
+        def visit(module: nn.Module) -> None:
+            params = list(module.parameters())
+            if params and not any(p.requires_grad for p in params):
+                found.append(module)
+                return
+            for child in module.children():
+                visit(child)
+
+        for component in self.components().values():
+            visit(component)
+        return found
 
     def train(self, mode: bool = True) -> Stage:
         super().train(mode)
