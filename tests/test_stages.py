@@ -23,6 +23,7 @@ from visprior.stages import (
     VisionLanguagePretraining,
 )
 from visprior.stages.base import schedule_factor
+from visprior.stages.contrastive import clip_loss, siglip_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LM = {
@@ -212,6 +213,31 @@ def test_contrastive_loss_falls(toyworld_dir, tokenizer_dir):
     stage.eval()
     with torch.no_grad():
         assert float(stage.compute_loss(batch).loss) < first
+
+
+LOGITS_3X3 = [[2.0, 0.0, -1.0], [1.0, 3.0, 0.0], [0.0, -2.0, 1.0]]
+"""Image i (row) against text j (column); pair i matches text i. Not symmetric, so rows and columns give different terms."""
+
+
+def test_clip_loss_matches_a_hand_computed_3x3_case():
+    """InfoNCE both ways: mean over images of -log softmax(row)[i], mean over texts of -log softmax(column)[j], halved."""
+    z = LOGITS_3X3
+    image_to_text = [math.log(sum(math.exp(v) for v in z[i])) - z[i][i] for i in range(3)]
+    text_to_image = [math.log(sum(math.exp(z[i][j]) for i in range(3))) - z[j][j] for j in range(3)]
+    # by hand: rows 0.16985, 0.16985, 0.34901; columns 0.40761, 0.05499, 0.40761
+    assert image_to_text == pytest.approx([0.16985, 0.16985, 0.34901], abs=1e-5)
+    assert text_to_image == pytest.approx([0.40761, 0.05499, 0.40761], abs=1e-5)
+    expected = 0.5 * (sum(image_to_text) / 3 + sum(text_to_image) / 3)
+    assert expected == pytest.approx(0.259817, abs=1e-6)
+    assert float(clip_loss(torch.tensor(z))) == pytest.approx(expected, rel=1e-6)
+
+
+def test_siglip_loss_matches_a_hand_computed_3x3_case():
+    """Sigmoid loss: log(1 + exp(-s * z)) over all 9 pairs, s = +1 on the diagonal and -1 off it, divided by 3 images."""
+    z = LOGITS_3X3
+    expected = sum(math.log1p(math.exp(-(1 if i == j else -1) * z[i][j])) for i in range(3) for j in range(3)) / 3
+    assert expected == pytest.approx(1.440557, abs=1e-6)
+    assert float(siglip_loss(torch.tensor(z))) == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- recipes
