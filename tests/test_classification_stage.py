@@ -1,21 +1,23 @@
-"""ImageClassification: the stage YAML runs through the real CLI at smoke size, a short run learns the toy shapes well above
-chance, its checkpoint initialises another stage's vision tower exactly, and bad labels are skipped and counted."""
+"""ImageClassification: the stage YAML runs through the real CLI at smoke size, a short run classifies held-out images
+well above chance, its checkpoint initialises another stage's vision tower exactly, and bad labels are skipped and
+counted."""
 
 from __future__ import annotations
 
 import os
+import random
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from visprior.data.classification import ImageClassificationDataModule, read_label
 from visprior.data.formats import PairSample, SampleError
-from visprior.data.shards import write_shards
+from visprior.data.shards import iter_samples, resolve_shards, write_shards
+from visprior.data.toyworld.datasets import shapes
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vision import VisionTowerSpec
 from visprior.stages import ContrastivePretraining, ImageClassification, InitFrom
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_TOWER = {
     "model_type": "siglip_vision_model",
     "image_size": 64,
-    "patch_size": 16,
+    "patch_size": 8,
     "hidden_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
@@ -39,33 +41,40 @@ TINY_LM = {
     "num_key_value_heads": 4,
     "intermediate_size": 128,
 }
-STEPS = 60
+STEPS = 100
 
 
-class BatchAccuracy(Callback):
-    def __init__(self) -> None:
-        self.accuracy: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.accuracy.append(float(trainer.callback_metrics["train/accuracy"]))
+def heldout_accuracy(stage: ImageClassification, folder: Path) -> float:
+    """Top-1 on a folder the run never reads, labels straight from the shards' meta (not through the data module)."""
+    samples = list(iter_samples(resolve_shards(folder), "pair"))
+    pixels = torch.stack([stage.image_transform(s.image) for s in samples])  # [N, C, H, W]
+    labels = torch.tensor([s.meta["label"] for s in samples])
+    stage.eval()
+    with torch.no_grad():
+        predicted = torch.cat([stage.logits(chunk).argmax(dim=1) for chunk in pixels.split(64)])
+    return float((predicted == labels).float().mean())
 
 
 @pytest.fixture(scope="module")
-def trained(
-    toyworld_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[ImageClassification, list[float], Path]:
-    """60 seeded steps on the smoke shape set (128 images, 8 classes), lr 1e-3, batch 64, one thread."""
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[ImageClassification, tuple[float, float], Path]:
+    """100 seeded steps (batch 64, lr 5e-3) on 1024 toy-world shape images; held-out: 256 others from another seed.
+
+    The smoke world's 128 training images are memorised long before the shapes are learnt (training batches reach 80 %
+    while held-out images stay at chance), so this set is generated here with the toy world's own `shapes`.
+    """
     torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("shapes")
+    write_shards(shapes(random.Random(1), 1024, 64, "train"), root / "train", name="train", kind="pair", maxcount=256)
+    write_shards(shapes(random.Random(2), 256, 64, "test"), root / "test", name="test", kind="pair", maxcount=256)
     pl.seed_everything(0, verbose=False)
-    shapes = toyworld_dir / "eval" / "shapes"
     stage = ImageClassification(
         VisionTowerSpec(config=TINY_TOWER),
         num_classes=8,
-        trainable={"vision_tower": 1e-3, "head": 1e-3},
+        trainable={"vision_tower": 5e-3, "head": 5e-3},
         warmup_steps=5,
     )
-    dm = ImageClassificationDataModule(str(shapes / "train"), str(shapes / "test"), batch_size=64, batches_per_epoch=20)
-    record = BatchAccuracy()
+    before = heldout_accuracy(stage, root / "test")
+    dm = ImageClassificationDataModule(str(root / "train"), str(root / "test"), batch_size=64, batches_per_epoch=50)
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=STEPS,
@@ -74,23 +83,22 @@ def trained(
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        val_check_interval=20,
-        callbacks=[record],
+        val_check_interval=50,
+        limit_val_batches=1,
     )
     trainer.fit(stage, dm)
     assert "val/accuracy" in trainer.callback_metrics and "val/loss" in trainer.callback_metrics
+    after = heldout_accuracy(stage, root / "test")
     ckpt = tmp_path_factory.mktemp("classify") / "last.ckpt"
     trainer.save_checkpoint(ckpt)
-    return stage, record.accuracy, ckpt
+    return stage, (before, after), ckpt
 
 
-def test_short_training_beats_chance(trained):
-    _, accuracy, _ = trained
-    assert len(accuracy) == STEPS
-    first, last = sum(accuracy[:10]) / 10, sum(accuracy[-10:]) / 10
-    # measured (seed 0, 1 thread): first 10 batches 0.19, last 10 batches 0.80; chance is 0.125
-    assert first < 0.3, accuracy[:10]
-    assert last > 0.5, accuracy[-10:]
+def test_short_training_beats_chance_on_heldout_images(trained):
+    _, (before, after), _ = trained
+    # measured (1 thread, seeds 0 / 1 / 2 for model and data): held-out 0.35 / 0.39 / 0.43 after 100 steps; chance 0.125
+    assert before < 0.22, before
+    assert after > 0.25, (before, after)
 
 
 def test_checkpoint_initialises_another_stage_vision_tower(trained, tokenizer_dir):
