@@ -30,6 +30,9 @@ Evaluation and hand-off (RUN_OR_CKPT: a run, a .ckpt, or a llava-hf / original L
   eval --checkpoint RUN_OR_CKPT [--tasks mle_bench,vqa,fewshot,caption,text,probe] [--data DIR] [--out DIR]
   export RUN_OR_CKPT --format hf-llava|visprior --out DIR   LlavaForConditionalGeneration folder, or visprior's own
 
+Planning (meta device, no GPU):
+  plan STAGE.yaml [STAGE.yaml ...] [--scale toy|paper] [--setup vila-7b] [--gpus N] [--gpu_mem GiB] [--mfu 0.4]
+
 Run `visprior <command> --help` for the options of one command.
 """
 
@@ -103,7 +106,28 @@ def run_export(argv: Sequence[str]) -> None:
         raise SystemExit(f"visprior export: {e}") from None
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": run_data, "eval": run_eval, "export": run_export}
+def run_plan(argv: Sequence[str]) -> None:
+    from jsonargparse import CLI
+
+    from visprior.plan import plan_command
+
+    rest = list(argv)
+    configs = []
+    while rest and not rest[0].startswith("-"):  # the stage YAMLs, in order, before the options
+        configs.append(rest.pop(0))
+    args = [json.dumps(configs), *rest] if configs else rest
+    try:
+        CLI(plan_command, args=args, as_positional=True, prog="visprior plan")
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"visprior plan: {e}") from None
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "data": run_data,
+    "eval": run_eval,
+    "export": run_export,
+    "plan": run_plan,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
