@@ -3,6 +3,7 @@ text pre-training, and every stage YAML runs through the real CLI at smoke size.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -243,15 +244,31 @@ def test_siglip_loss_matches_a_hand_computed_3x3_case():
 # ---------------------------------------------------------------------------------------------------- recipes
 
 
+STAGE_TRAINS = {
+    "text-pretrain": {"language_model"},
+    "contrastive": {"vision_tower", "text_encoder", "head"},
+    "align": {"connector"},  # LLaVA stage 1: tower and LM frozen
+    "sft": {"connector", "language_model"},  # LLaVA stage 2: tower frozen
+}
+"""What each stage YAML trains, written down here independently of the YAMLs' `trainable` keys."""
+UNUSED_FROZEN = {("contrastive", "vision_tower"): ["model.post_layernorm.bias", "model.post_layernorm.weight"]}
+"""Frozen parts of a trained component: the tower is read before its post-layernorm, which DDP must not wait for."""
+
+
 @pytest.mark.parametrize("name", ["text-pretrain", "contrastive", "align", "sft"])
 def test_stage_yaml_runs_at_smoke_size(name, toyworld_dir, tokenizer_dir, tmp_path, monkeypatch):
-    """The real `visprior fit --config` on each stage YAML, with the smoke scale, in a fresh run directory."""
+    """The real `visprior fit --config` on each stage YAML, with the smoke scale, in a fresh run directory; a probe
+    reports which components moved, which stayed bit-identical, and that frozen ones ran every step in eval mode."""
     (tmp_path / "data").mkdir()
     os.symlink(toyworld_dir, tmp_path / "data" / "toyworld")
     os.symlink(REPO / "recipes", tmp_path / "recipes")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "scripts"))
     from visprior.cli import main
 
+    probe = json.dumps(
+        {"class_path": "stage_fit.TrainedComponents", "init_args": {"out": str(tmp_path / "trained.json")}}
+    )
     main(
         [
             "fit",
@@ -260,8 +277,20 @@ def test_stage_yaml_runs_at_smoke_size(name, toyworld_dir, tokenizer_dir, tmp_pa
             "--config",
             "recipes/_base/scales/smoke.yaml",
             "--trainer.enable_progress_bar=false",
+            f"--trainer.callbacks+={probe}",
         ]
     )
     ckpt = torch.load(tmp_path / "runs" / name / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2
     assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"], "the loader position is in the checkpoint"
+    report = json.loads((tmp_path / "trained.json").read_text())
+    trains = {comp for comp, r in report.items() if r["trainable_params"]}
+    assert trains == STAGE_TRAINS[name], report
+    for comp, r in report.items():
+        assert r["frozen_moved"] == [], (comp, r)  # frozen parameters bit-identical after the run
+        if comp in STAGE_TRAINS[name]:
+            unused = [f"{comp}.{n}" for n in UNUSED_FROZEN.get((name, comp), [])]
+            assert r["frozen_names"] == unused and r["trainable_not_moved"] == [], (comp, r)
+            assert r["modes"] == ["train"], (comp, r)
+        else:
+            assert r["trainable_params"] == 0 and r["modes"] == ["eval"], (comp, r)  # dropout off, norms fixed

@@ -1,4 +1,5 @@
 """Run the real `visprior fit` CLI in this process, with a recording callback added, for tests/test_stage_robustness.py.
+(`TrainedComponents`, which reports what each component of a stage did during a run, serves tests/test_stages.py.)
 
     python stage_fit.py --record OUT.json [--pause-at K] [--nan-at S,S,...] [--ckpt-every N] -- fit --config ... [more CLI args]
 
@@ -70,6 +71,39 @@ class StageProbe(pl.Callback):
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(self.record))
         os.replace(tmp, path)
+
+
+class TrainedComponents(pl.Callback):
+    """Writes `out` (JSON) at train end: per top-level component of `pl_module.model`, whether it had trainable
+    parameters, whether each trainable parameter moved and no frozen one did, and in which modes it ran the steps."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.start: dict[str, torch.Tensor] = {}
+        self.modes: dict[str, set[bool]] = {}
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = {name: p.detach().clone() for name, p in pl_module.model.named_parameters()}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for name, module in pl_module.model.named_children():
+            self.modes.setdefault(name, set()).add(module.training)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        report = {}
+        for comp, module in pl_module.model.named_children():
+            params = [(f"{comp}.{n}", p) for n, p in module.named_parameters()]
+            moved = {name for name, p in params if not torch.equal(p.detach(), self.start[name])}
+            trainable = {name for name, p in params if p.requires_grad}
+            report[comp] = {
+                "trainable_params": sum(p.numel() for _, p in params if p.requires_grad),
+                "frozen_params": sum(p.numel() for _, p in params if not p.requires_grad),
+                "frozen_names": sorted(name for name, p in params if not p.requires_grad) if trainable else [],
+                "trainable_not_moved": sorted(trainable - moved),
+                "frozen_moved": sorted(moved - trainable),
+                "modes": sorted("train" if m else "eval" for m in self.modes.get(comp, ())),
+            }
+        self.out.write_text(json.dumps(report, indent=1))
 
 
 def main() -> None:

@@ -92,7 +92,8 @@ class ContrastivePretraining(Stage):
         )
         self.loss_name = loss
         tower = build_vision_tower(dataclasses.replace(vision_tower, feature_layer=-1))
-        text, self.tokenizer = build_language_model(text_encoder)
+        causal_lm, self.tokenizer = build_language_model(text_encoder)
+        text = getattr(causal_lm, causal_lm.base_model_prefix)  # the decoder only: an LM head would train on nothing
         head = ContrastiveHead(tower.hidden_size, text.config.hidden_size, embed_dim, loss)
         self.model = nn.ModuleDict({"vision_tower": tower, "text_encoder": text, "head": head})
         self.image_transform = tower.image_transform
@@ -104,11 +105,10 @@ class ContrastivePretraining(Stage):
         return F.normalize(self.model["head"].vision_proj(feats), dim=-1)  # [N, E]
 
     def embed_texts(self, batch: dict[str, Any]) -> torch.Tensor:
-        text = self.model["text_encoder"]
-        base = getattr(text, text.base_model_prefix)  # the decoder without its LM head
-        dtype = base.get_input_embeddings().weight.dtype
+        text = self.model["text_encoder"]  # the decoder without its LM head
+        dtype = text.get_input_embeddings().weight.dtype
         mask = attention_mask_for(batch["document_ids"], text.config._attn_implementation, dtype)  # [B, 1, T, T]
-        hidden = base(
+        hidden = text(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask, use_cache=False
         ).last_hidden_state  # [B, T, D_t]
         supervised = batch["labels"] != -100  # caption + eos
