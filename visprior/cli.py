@@ -1,9 +1,13 @@
 """The `visprior` command.
 
-`visprior fit|validate|test|predict --config X.yaml` are LightningCLI subcommands: every YAML key is a constructor argument of the
-stage (`model:`), the data module (`data:`) or the Trainer (`trainer:`), validated by jsonargparse before any work starts.
-Recipes may list `_base_:` fragments, applied before the file itself. Our own subcommands (`data`, `eval`) are plain
-jsonargparse CLIs over typed functions, so their `--help` comes from the signatures too.
+`visprior fit|validate|test|predict --config X.yaml` are LightningCLI subcommands (`visprior.stage_cli.StageCLI`): every
+YAML key is a constructor argument of the stage (`model:`), the data module (`data:`) or the Trainer (`trainer:`),
+validated by jsonargparse before any work starts. Recipes may list `_base_:` fragments, applied before the file itself
+(`visprior.config`). Our own subcommands are plain jsonargparse CLIs over typed functions, so their `--help` comes from
+the signatures too.
+
+An error a user can fix prints as one line (what, where, what to do) and exits 2; `--debug` anywhere on the command line
+shows the full traceback instead.
 """
 
 from __future__ import annotations
@@ -12,16 +16,18 @@ import json
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
-USAGE = """usage: visprior <command> [options]
+USAGE = """usage: visprior <command> [options] [--debug]
 
 Training (LightningCLI; every key is a constructor argument; `--print_config` shows the resolved config):
   fit --config X.yaml [--trainer.max_steps N ...]     train a stage (recipes/_base/stages/*.yaml)
   validate | test | predict --config X.yaml
 
-Our own:
+Data:
   data toyworld --out DIR --preset smoke|toy [--seed N]   generate the procedural toy world as WebDataset shards
   data tokenizer --data DIR --out DIR [--vocab_size N]    train the toy BPE tokenizer on a toy world's corpora
   data convert llava-json|obelics|mmc4|img2dataset|text SRC [--images DIR] --out DIR   real datasets to shards
@@ -33,7 +39,7 @@ Evaluation and hand-off (RUN_OR_CKPT: a run, a .ckpt, or a llava-hf / original L
 Planning (meta device, no GPU):
   plan STAGE.yaml [STAGE.yaml ...] [--scale toy|paper] [--setup vila-7b] [--gpus N] [--gpu_mem GiB] [--mfu 0.4]
 
-Run `visprior <command> --help` for the options of one command.
+Run `visprior <command> --help` for the options of one command; add --debug to see a traceback behind an error.
 """
 
 
@@ -48,30 +54,33 @@ def explicit_ckpt_path(argv: Sequence[str]) -> str | None:
     return None if value in (None, "null", "last", "best", "hpc", "registry") else value
 
 
-def run_lightning(argv: Sequence[str]) -> None:
-    """LightningCLI on `argv` (subcommand first), with `_base_` fragments expanded into repeated `--config`."""
-    from lightning.pytorch.cli import LightningCLI
+class _Composition:
+    """The fragments a Lightning command line was composed from, so an error can name the file that set a key."""
 
-    from visprior.config import RecipeError, expand_config_args
+    fragments: list[tuple[Path, dict[str, Any]]] = []
+
+
+def run_lightning(argv: Sequence[str]) -> None:
+    """StageCLI on `argv` (subcommand first), with `_base_` fragments expanded into repeated `--config`."""
+    from visprior.config import expand_config_args
+    from visprior.stage_cli import StageCLI
     from visprior.training.validation import check_checkpoint
 
-    try:
-        args = expand_config_args(list(argv))
-        if ckpt := explicit_ckpt_path(argv):
-            # LightningCLI reads this file's hyper-parameters itself before any of our code sees it; a broken file must get
-            # our message, not torch's advice to unpickle with weights_only=False.
-            check_checkpoint(ckpt, "ckpt_path")
-    except (RecipeError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"visprior: {e}") from None
+    _Composition.fragments = []
+    args = expand_config_args(list(argv), _Composition.fragments)
+    if ckpt := explicit_ckpt_path(argv):
+        # LightningCLI reads this file's hyper-parameters itself before any of our code sees it; a broken file must get
+        # our message, not torch's advice to unpickle with weights_only=False.
+        check_checkpoint(ckpt, "ckpt_path")
     # We pass the expanded args ourselves; Lightning would warn that sys.argv is set too.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    LightningCLI(
+    StageCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"default_env": False},
+        parser_kwargs={"default_env": False, "exit_on_error": False},
         args=args,
     )
 
@@ -81,7 +90,7 @@ def run_data(argv: Sequence[str]) -> None:
 
     from visprior.data import commands
 
-    result = CLI(commands.DATA_COMMANDS, args=list(argv), as_positional=True, prog="visprior data")
+    result = CLI(commands.DATA_COMMANDS, args=list(argv), as_positional=True, prog="visprior data", exit_on_error=False)
     if isinstance(result, dict):  # a converter's manifest: print what a user checks first
         keys = ("name", "num_samples", "converted", "skipped", "dropped_images")
         print(json.dumps({k: result.get(k) for k in keys}, indent=2, default=str))
@@ -92,7 +101,7 @@ def run_eval(argv: Sequence[str]) -> None:
 
     from visprior.eval.command import evaluate_checkpoint
 
-    CLI(evaluate_checkpoint, args=list(argv), as_positional=False, prog="visprior eval")
+    CLI(evaluate_checkpoint, args=list(argv), as_positional=False, prog="visprior eval", exit_on_error=False)
 
 
 def run_export(argv: Sequence[str]) -> None:
@@ -100,10 +109,7 @@ def run_export(argv: Sequence[str]) -> None:
 
     from visprior.checkpoints import export_checkpoint
 
-    try:
-        CLI(export_checkpoint, args=list(argv), as_positional=True, prog="visprior export")
-    except (FileExistsError, FileNotFoundError, ValueError) as e:  # CheckpointFormatError is a ValueError
-        raise SystemExit(f"visprior export: {e}") from None
+    CLI(export_checkpoint, args=list(argv), as_positional=True, prog="visprior export", exit_on_error=False)
 
 
 def run_plan(argv: Sequence[str]) -> None:
@@ -116,10 +122,7 @@ def run_plan(argv: Sequence[str]) -> None:
     while rest and not rest[0].startswith("-"):  # the stage YAMLs, in order, before the options
         configs.append(rest.pop(0))
     args = [json.dumps(configs), *rest] if configs else rest
-    try:
-        CLI(plan_command, args=args, as_positional=True, prog="visprior plan")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"visprior plan: {e}") from None
+    CLI(plan_command, args=args, as_positional=True, prog="visprior plan", exit_on_error=False)
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
@@ -130,18 +133,37 @@ COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
 }
 
 
+def user_message(command: str, err: BaseException) -> str:
+    """One line for an error the user can fix: the informative part, the key, and the recipe file that set it."""
+    from visprior.config import fragment_of_key
+    from visprior.errors import one_line, unknown_key, with_fragment
+
+    message = one_line(err)
+    key = unknown_key(err)
+    if key and command in LIGHTNING_SUBCOMMANDS:
+        message = with_fragment(message, key, fragment_of_key(_Composition.fragments, key))
+    return f"visprior {command}: error: {message}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command in LIGHTNING_SUBCOMMANDS:
-        run_lightning(argv)
-    elif command in COMMANDS:
-        COMMANDS[command](rest)
-    else:
+    if command not in LIGHTNING_SUBCOMMANDS and command not in COMMANDS:
         raise SystemExit(f"visprior: unknown command {command!r}\n\n{USAGE}")
+    from visprior.errors import is_user_error
+
+    try:
+        run_lightning(argv) if command in LIGHTNING_SUBCOMMANDS else COMMANDS[command](rest)
+    except Exception as err:
+        if debug or not is_user_error(err):
+            raise
+        print(user_message(command, err) + "  (--debug: traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ toy world -> tokenizer -> LanguagePretraining -> ContrastivePretraining -> Visio
 -> MLE-Bench on the toy benchmark. Each stage is the same `visprior fit --config recipes/_base/stages/<stage>.yaml` a user
 would type, run as its own process; the chain passes each stage its predecessors' checkpoints explicitly (`init_from`,
 weights only), so nothing is found by parsing run-directory names. Relaunching resumes an interrupted stage (`ckpt_path:
-last` in the trainer fragment) and skips finished ones.
+last` in recipes/_base/run.yaml) and skips finished ones.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ CHAIN = [
 
 
 def checkpoint_of(runs: Path, stage: str) -> Path:
-    """Where `visprior fit` leaves a stage's last checkpoint (fixed by the trainer fragment: `<save_dir>/<name>/run`)."""
+    """Where `visprior fit` leaves a stage's last checkpoint (fixed by recipes/_base/run.yaml: `<save_dir>/<name>/run`)."""
     return runs / stage / "run" / "checkpoints" / "last.ckpt"
 
 

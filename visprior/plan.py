@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -393,27 +392,9 @@ def plan_stages(stages: list[StageConfig], hw: Hardware) -> list[StagePlan]:
 
 def resolve_stage_yaml(path: str) -> dict[str, Any]:
     """The config `visprior fit --config PATH` would run, parsed and validated by LightningCLI but not instantiated."""
-    from lightning.pytorch.cli import LightningCLI
+    from visprior.stage_cli import resolve_config
 
-    from visprior.config import expand_config_args
-
-    class ParseOnly(LightningCLI):
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass
-
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = ParseOnly(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=False,
-        auto_configure_optimizers=False,
-        parser_kwargs={"default_env": False},
-        args=["fit", *expand_config_args(["--config", path])],
-    )
-    return cli.config["fit"].as_dict()
+    return resolve_config(["--config", path])
 
 
 def _plain(value: Any) -> Any:

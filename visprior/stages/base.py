@@ -10,6 +10,8 @@ even when Lightning calls `train()`. Subclasses build the model and implement `c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -52,6 +54,30 @@ def plain(value: Any) -> Any:
 def coerce(cls: type, value: Any) -> Any:
     """A spec from YAML or from a checkpoint's plain hyper-parameters (`load_from_checkpoint`)."""
     return cls(**value) if isinstance(value, dict) else value
+
+
+MODEL_HPARAMS = (
+    "language_model",
+    "vision_tower",
+    "connector",
+    "text_encoder",
+    "num_classes",
+    "embed_dim",
+    "frozen_block",
+)
+"""Hyper-parameters that define a stage's model (beside its parameter shapes); what a resume must find unchanged."""
+LOCATION_KEYS = ("path", "tokenizer")
+"""Where a model was read from is not what it is: moving a folder must not block a resume."""
+
+
+class ResumeMismatch(ValueError):
+    """A checkpoint written by another stage class or another model config was given to resume this run."""
+
+
+def _without_locations(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_locations(v) for k, v in value.items() if k not in LOCATION_KEYS}
+    return value
 
 
 def component_of(name: str, components: list[str]) -> str | None:
@@ -283,10 +309,35 @@ class Stage(pl.LightningModule):
         self._last_time = now
         return skip_nonfinite(self, out.loss, batch)  # None (a skipped step) when the loss is not finite on any rank
 
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint of this run must match to resume it: the stage class and a digest of the model config
+        (the model hyper-parameters in `MODEL_HPARAMS` without locations, and every parameter's name and shape)."""
+        hparams = {k: _without_locations(plain(self.hparams[k])) for k in MODEL_HPARAMS if k in self.hparams}
+        shapes = {k: list(v.shape) for k, v in self.model.state_dict().items()}
+        blob = json.dumps({"hparams": hparams, "shapes": shapes}, sort_keys=True, default=str)
+        stage = f"{type(self).__module__}.{type(self).__qualname__}"
+        return {"stage": stage, "model": hashlib.sha256(blob.encode()).hexdigest()[:12]}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["visprior"] = {"supervised_tokens": self._supervised_total}
+        checkpoint["visprior"] = {"supervised_tokens": self._supervised_total, **self.identity()}
+
+    def check_resumable(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume from a checkpoint another stage or model config wrote, naming both (before any step)."""
+        saved = checkpoint.get("visprior", {})
+        if "stage" not in saved:  # written before checkpoints carried their identity
+            return
+        now = self.identity()
+        if (saved["stage"], saved.get("model")) != (now["stage"], now["model"]):
+            where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            raise ResumeMismatch(
+                f"ckpt_path: {where or 'the checkpoint'} was written by {saved['stage'].rsplit('.', 1)[-1]} "
+                f"(model config {saved.get('model')}), but this run is {now['stage'].rsplit('.', 1)[-1]} (model config "
+                f"{now['model']}): it is another stage's or another model's checkpoint. Give this run its own "
+                f"trainer.logger.init_args.name, or take weights only with init_from"
+            )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_resumable(checkpoint)
         self._supervised_total = checkpoint.get("visprior", {}).get("supervised_tokens", 0)
         self._initialised = True  # weights come from the checkpoint: init_from must not overwrite them
         self.apply_freezing()

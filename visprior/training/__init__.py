@@ -1,5 +1,6 @@
 """Callbacks and plugins that make a training run survive: atomic checkpoints, exact resume, preemption, bad numbers,
-bad data and bad configs. Stages add ``robust_callbacks()`` and ``AtomicCheckpointIO()`` to their trainer fragments."""
+bad data and bad configs. `visprior fit` adds them to every run (`visprior/stage_cli.py`); in plain Python, pass
+``robust_callbacks()`` and ``AtomicCheckpointIO()`` to the Trainer."""
 
 from __future__ import annotations
 

@@ -116,6 +116,8 @@ class DataHealthCallback(Callback):
         self.write(trainer, "train_end")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self._path is None:  # failed before training started (a refused resume, say): nothing was counted
+            return
         self.write(trainer, f"exception: {type(exception).__name__}", collective=False)
 
     def state_dict(self) -> dict[str, Any]:
