@@ -112,7 +112,7 @@ def test_checkpoint_initialises_another_stage_vision_tower(trained, tokenizer_di
         init_from=[InitFrom(path=str(ckpt), components=["vision_tower"])],
     )
     before = {k: v.clone() for k, v in other.model["vision_tower"].state_dict().items()}
-    other.initialise()
+    other.configure_model()
     loaded = other.model["vision_tower"].state_dict()
     trained_tower = stage.model.vision_tower.state_dict()
     assert loaded.keys() == trained_tower.keys()

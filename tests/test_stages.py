@@ -294,3 +294,127 @@ def test_stage_yaml_runs_at_smoke_size(name, toyworld_dir, tokenizer_dir, tmp_pa
             assert r["modes"] == ["train"], (comp, r)
         else:
             assert r["trainable_params"] == 0 and r["modes"] == ["eval"], (comp, r)  # dropout off, norms fixed
+
+
+# ---------------------------------------------------------------------------------------------------- lifecycle
+
+
+def test_freeze_table_per_component(tokenizer_dir):
+    tower = VisionTowerSpec(config=TINY_TOWER, feature_layer=-2)
+    stage = VisionLanguagePretraining(lm_spec(tokenizer_dir), tower, trainable={"connector": 1e-3})
+    table = {name: (t, f) for name, t, f in stage.parameter_table()}
+    connector_params = sum(p.numel() for p in stage.model.connector.parameters())
+    assert table["connector"] == (connector_params, 0)
+    assert table["vision_tower"][0] == 0 and table["language_model"][0] == 0
+    everything = {"vision_tower": 1e-4, "connector": 1e-3, "language_model": 1e-4}
+    full = VisionLanguagePretraining(lm_spec(tokenizer_dir), tower, trainable=everything)
+    assert {name: t for name, t, _ in full.parameter_table()} != {name: t for name, (t, _) in table.items()}
+    assert not full.model.vision_tower.model.post_layernorm.weight.requires_grad  # unreachable, stays frozen
+    with pytest.raises(ValueError, match="unknown component 'projector'"):
+        VisionLanguagePretraining(lm_spec(tokenizer_dir), tower, trainable={"projector": 1e-3})
+    with pytest.raises(RuntimeError, match="frozen once"):
+        stage.freeze()
+
+
+def test_one_constructor_and_hyperparameters_captured_once(tokenizer_dir):
+    """InstructionTuning is VisionLanguagePretraining's constructor with another default; hparams are its YAML keys."""
+    tower = tower_spec()
+    sft = InstructionTuning(lm_spec(tokenizer_dir), tower, warmup_steps=7)
+    align = VisionLanguagePretraining(lm_spec(tokenizer_dir), tower, warmup_steps=7)
+    assert InstructionTuning.__init__ is VisionLanguagePretraining.__init__
+    assert sft.trainable == {"connector": 1e-3, "language_model": 2e-4} and align.trainable == {"connector": 1e-3}
+    assert set(sft.hparams) == set(align.hparams)
+    assert sft.hparams["trainable"] == sft.trainable and sft.hparams["warmup_steps"] == 7
+    assert sft.hparams["language_model"]["config"] == TINY_LM  # plain data, the resolved spec
+    rebuilt = InstructionTuning(**sft.hparams)
+    assert rebuilt.trainable == sft.trainable and rebuilt.hparams == sft.hparams
+
+
+class ModeProbe(pl.Callback):
+    """Records, at every training and validation batch, whether frozen parts are in eval mode and trainable ones train."""
+
+    def __init__(self) -> None:
+        self.train_ok: list[bool] = []
+        self.val_ok: list[bool] = []
+
+    def _frozen_eval(self, stage) -> bool:
+        frozen = stage.frozen_modules()
+        return bool(frozen) and all(not m.training for f in frozen for m in f.modules())
+
+    def on_train_batch_start(self, trainer, stage, batch, batch_idx) -> None:
+        trains = [getattr(stage.model, comp.split(".")[0]).training for comp in stage.trainable]
+        self.train_ok.append(self._frozen_eval(stage) and all(trains))
+
+    def on_validation_batch_start(self, trainer, stage, batch, batch_idx, dataloader_idx=0) -> None:
+        self.val_ok.append(self._frozen_eval(stage))
+
+
+def lifecycle_stage(kind: str, tokenizer_dir: Path):
+    if kind == "align":  # tower and LM frozen, whole components
+        return VisionLanguagePretraining(lm_spec(tokenizer_dir), tower_spec(), trainable={"connector": 1e-3})
+    from visprior.models.frozen_block import FrozenBlockSpec
+    from visprior.stages import ImageClassification
+
+    vit = {"model_type": "vit", "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1,
+           "num_attention_heads": 2, "intermediate_size": 64}  # fmt: skip
+    lm = {**TINY_LM, "vocab_size": 64}
+    return ImageClassification(  # LM4VE: the frozen LLM block nested inside the trainable frozen_block component
+        VisionTowerSpec(config=vit, select="cls_patch"),
+        num_classes=8,
+        frozen_block=FrozenBlockSpec("llm_block", LanguageModelSpec(config=lm)),
+        head_norm=True,
+        pool="cls",
+    )
+
+
+def lifecycle_data(kind: str, root: Path):
+    if kind == "align":
+        val = [SourceSpec(str(root / "eval" / "captions"))]
+        return data(root, "pairs", seq_len=160, packing=False, val_sources=val, val_batches=1, batches_per_epoch=3)
+    from visprior.data.classification import ImageClassificationDataModule
+
+    shapes = root / "eval" / "shapes"
+    return ImageClassificationDataModule(
+        str(shapes / "train"), str(shapes / "test"), batch_size=4, batches_per_epoch=3, val_batches=1
+    )
+
+
+@pytest.mark.parametrize("kind", ["align", "lm4ve"])
+def test_frozen_once_and_in_eval_through_fit_validation_and_resume(
+    kind, toyworld_dir, tokenizer_dir, tmp_path, monkeypatch
+):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from visprior.stages.base import Stage
+
+    calls: list[str] = []
+    original = Stage.freeze
+
+    def counted(self):
+        calls.append(type(self).__name__)
+        return original(self)
+
+    monkeypatch.setattr(Stage, "freeze", counted)
+
+    def fit(steps: int, resume: str | None = None):
+        pl.seed_everything(0)
+        stage, probe = lifecycle_stage(kind, tokenizer_dir).eval(), ModeProbe()  # fit must put trainable parts back
+        ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0, every_n_train_steps=1)
+        run = pl.Trainer(
+            accelerator="cpu", max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, val_check_interval=1, limit_val_batches=1, callbacks=[probe, ckpt],
+        )  # fmt: skip
+        run.fit(stage, lifecycle_data(kind, toyworld_dir), ckpt_path=resume)
+        return stage, probe
+
+    first, probe_a = fit(2)
+    frozen_before = {n: p.detach().clone() for n, p in first.model.named_parameters() if not p.requires_grad}
+    second, probe_b = fit(4, resume=str(tmp_path / "last.ckpt"))
+    assert calls == [type(first).__name__] * 2, "each stage instance is frozen exactly once, resume included"
+    for probe in (probe_a, probe_b):
+        assert probe.train_ok and all(probe.train_ok), probe.train_ok
+        assert probe.val_ok and all(probe.val_ok), probe.val_ok
+    assert len(probe_b.train_ok) == 2  # the resumed run did the two remaining steps
+    for name, value in frozen_before.items():
+        param = second.model.get_parameter(name)
+        assert not param.requires_grad and torch.equal(param, value), name

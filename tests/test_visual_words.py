@@ -217,3 +217,40 @@ def test_packed_batch_gives_each_sample_its_unpacked_visual_words_loss(word_toke
     assert [int((a > 0).sum()) for a in alone] == [3, 4, 3]  # a sample's first image token has no prediction at t = 0
     batch_mean = torch.cat(alone).sum() / 10
     torch.testing.assert_close(out.visual_words_loss, batch_mean)  # batchmean over the 10 predicted image positions
+
+
+# ---------------------------------------------------------------------------------------------------- in the stages
+
+
+def test_stage_switch_trains_vm_head_and_logs_both_losses(toyworld_dir, tokenizer_dir) -> None:
+    """`visual_words` in InstructionTuning: vm_head trains at the connector's rate, packed SFT rows, both losses logged."""
+    import lightning.pytorch as pl
+
+    from visprior.data.datamodule import SourceSpec, VisionLanguageDataModule
+    from visprior.models.language import LanguageModelSpec
+    from visprior.models.vision import VisionTowerSpec
+    from visprior.models.visual_words import VisualWordsSpec
+    from visprior.stages import InstructionTuning, VisionLanguagePretraining
+
+    lm = LanguageModelSpec(config={"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2,
+                                   "num_attention_heads": 4, "intermediate_size": 128}, tokenizer=str(tokenizer_dir))  # fmt: skip
+    tower = VisionTowerSpec(config={"model_type": "siglip_vision_model", "image_size": 64, "patch_size": 16,
+                                    "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                    "intermediate_size": 128, "vision_use_head": False}, feature_layer=-1)  # fmt: skip
+    stage = InstructionTuning(lm, tower, visual_words=VisualWordsSpec())
+    assert stage.trainable == {"connector": 1e-3, "language_model": 2e-4, "vm_head": 1e-3}
+    assert stage.hparams["visual_words"]["weight"] == 1.0
+    head_before = stage.model.vm_head.weight.detach().clone()
+    dm = VisionLanguageDataModule([SourceSpec(str(toyworld_dir / "sft"))], batch_size=2, seq_len=160, packing=True)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(stage, dm)
+    metrics = trainer.callback_metrics
+    assert {"train/text_loss", "train/visual_words_loss", "train/loss"} <= set(metrics)
+    total = float(metrics["train/text_loss"]) + float(metrics["train/visual_words_loss"])
+    assert float(metrics["train/loss"]) == pytest.approx(total, rel=1e-5)
+    assert not torch.equal(stage.model.vm_head.weight, head_before)
+    plain = VisionLanguagePretraining(lm, tower)
+    assert plain.model.vm_head is None and "vm_head" not in plain.trainable
+    frozen_head = VisionLanguagePretraining(lm, tower, visual_words=VisualWordsSpec(train_head=False))
+    assert "vm_head" not in frozen_head.trainable and not frozen_head.model.vm_head.weight.requires_grad

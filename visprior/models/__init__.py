@@ -4,14 +4,7 @@ from visprior.models.connectors import CONNECTORS, ConnectorSpec, build_connecto
 from visprior.models.language import LanguageModelSpec, build_language_model, causal_lm_loss
 from visprior.models.vision import VisionTower, VisionTowerSpec, build_vision_tower
 from visprior.models.visual_words import VisualWordsSpec
-from visprior.models.vlm import (
-    VisionLanguageModel,
-    VLMOutput,
-    VLMSpec,
-    build_vlm,
-    set_trainable,
-    trainable_parameter_table,
-)
+from visprior.models.vlm import VisionLanguageModel, VLMOutput, VLMSpec, build_vlm
 
 __all__ = [
     "CONNECTORS",
@@ -28,6 +21,4 @@ __all__ = [
     "build_vision_tower",
     "build_vlm",
     "causal_lm_loss",
-    "set_trainable",
-    "trainable_parameter_table",
 ]

@@ -42,6 +42,8 @@ class VisualWordsSpec:
     """Feed the LM softmax(vm_head(v)) @ E instead of the image features v (VW-LMM's PIF variant)."""
     temperature: float = 1.0
     """Softmax temperature of target and prediction (the release: 1)."""
+    train_head: bool = True
+    """The stage trains `vm_head` at the connector's learning rate unless its `trainable` names `vm_head` itself."""
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:

@@ -11,7 +11,7 @@ VW-LMM's KL at image positions through a `vm_head` component (`models/visual_wor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -184,24 +184,3 @@ def build_vlm(spec: VLMSpec) -> VisionLanguageModel:
         vocab = language_model.get_output_embeddings().out_features
         head = vm_head(lm_dim, vocab, getattr(language_model.config, "initializer_range", None))
     return VisionLanguageModel(language_model, tokenizer, tower, connector, spec.visual_words, head)
-
-
-def set_trainable(model: nn.Module, components: Iterable[str]) -> None:
-    """Train exactly the named child modules and freeze the rest (eval mode for frozen parts is the stage's call)."""
-    names = set(components)
-    children = dict(model.named_children())
-    unknown = names - set(children)
-    if unknown:
-        raise ValueError(f"unknown component(s) {sorted(unknown)}; the model has {sorted(children)}")
-    for name, child in children.items():
-        child.requires_grad_(name in names)  # VisionTower keeps its unreachable parameters frozen
-
-
-def trainable_parameter_table(model: nn.Module) -> list[tuple[str, int, int]]:
-    """`(component, trainable, frozen)` parameter counts per child module, for a log line per component."""
-    rows = []
-    for name, child in model.named_children():
-        trainable = sum(p.numel() for p in child.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in child.parameters() if not p.requires_grad)
-        rows.append((name, trainable, frozen))
-    return rows

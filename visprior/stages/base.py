@@ -4,21 +4,30 @@ weights-only initialisation from earlier stages, and throughput / MFU logging.
 A stage holds `self.model`, an `nn.Module` whose named children are the components (`vision_tower`, `connector`,
 `language_model`, ...). `trainable: {connector: 1e-3, language_model: 2e-5}` is the whole freezing policy: listed components
 train at their learning rate, everything else gets `requires_grad=False` and stays in eval mode (dropout off, norms fixed)
-even when Lightning calls `train()`. Subclasses build the model and implement `compute_loss(batch) -> StepOutput`.
+even when Lightning calls `train()`.
+
+The lifecycle, once each: a kind of stage builds its model and hands it to `Stage.__init__`, which records the outermost
+constructor's arguments as the hyper-parameters (`constructor_arguments`, litgpt's `capture_hparams`: nothing is re-listed)
+and freezes (`freeze`, logged, an error if called again). `configure_model` applies `init_from` and any sharding, once.
+Eval mode of frozen parts has one mechanism, the `train()` override, entered at fit start (`on_fit_start`: Lightning 2.6
+keeps whatever mode a module comes with, and after validation restores each module's mode as it was); resuming restores
+weights only and never re-freezes. Subclasses implement `compute_loss(batch)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from visprior.stages.init_from import InitFrom, apply_init_from, as_init_list
@@ -64,6 +73,9 @@ MODEL_HPARAMS = (
     "num_classes",
     "embed_dim",
     "frozen_block",
+    "head_norm",
+    "pool",
+    "visual_words",
 )
 """Hyper-parameters that define a stage's model (beside its parameter shapes); what a resume must find unchanged."""
 LOCATION_KEYS = ("path", "tokenizer")
@@ -78,6 +90,39 @@ def _without_locations(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_locations(v) for k, v in value.items() if k not in LOCATION_KEYS}
     return value
+
+
+def constructor_arguments(obj: object) -> dict[str, Any]:
+    """The arguments of the outermost `__init__` running on `obj`, with the values its locals hold now.
+
+    Called from `Stage.__init__`, this is the stage's YAML: the kind's own signature (its `**stage_args` flattened), after
+    the kind has coerced specs and resolved defaults, so a checkpoint rebuilds the same stage with `cls(**hparams)`.
+    """
+    frame = inspect.currentframe()
+    outer = None
+    while frame is not None:
+        if frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is obj:
+            outer = frame
+        frame = frame.f_back
+    if outer is None:
+        raise RuntimeError("constructor_arguments() must be called while the object's __init__ runs")
+    init = next(
+        klass.__dict__["__init__"]
+        for klass in type(obj).__mro__
+        if getattr(klass.__dict__.get("__init__"), "__code__", None) is outer.f_code
+    )
+    values = outer.f_locals
+    args: dict[str, Any] = {}
+    for name, param in inspect.signature(init).parameters.items():
+        if name == "self":
+            continue
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            args.update(values[name])
+        elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"{type(obj).__name__}.__init__ takes *{name}: stage arguments must be named (YAML keys)")
+        else:
+            args[name] = values[name]
+    return args
 
 
 def component_of(name: str, components: list[str]) -> str | None:
@@ -103,10 +148,13 @@ class Stage(pl.LightningModule):
     """Base of all stages: freezing by component, AdamW with per-component groups, warmup + cosine, MFU logging."""
 
     model: nn.Module
+    default_trainable: ClassVar[dict[str, float]] = {}
+    """What trains when `trainable` is not given (each kind of stage sets its own)."""
 
     def __init__(
         self,
-        trainable: dict[str, float],
+        model: nn.Module,
+        trainable: dict[str, float] | None = None,
         init_from: str | InitFrom | list[InitFrom] | None = None,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.95),
@@ -119,7 +167,9 @@ class Stage(pl.LightningModule):
     ):
         """
         Args:
-            trainable: component -> learning rate; components not listed are frozen and kept in eval mode.
+            model: the stage's model, built by the kind of stage (not a YAML key).
+            trainable: component -> learning rate; components not listed are frozen and kept in eval mode (None: the
+                class's `default_trainable`).
             init_from: weights-only initialisation of named components from a `.ckpt`, safetensors file, HF folder or
                 released VLM folder (llava-hf, LLaVA, VILA); a bare path loads every component (not resuming: use
                 `ckpt_path` for that).
@@ -135,7 +185,11 @@ class Stage(pl.LightningModule):
                 `FSDP2Strategy` its own `activation_checkpointing` decides, with its precision policy).
         """
         super().__init__()
-        self.trainable = dict(trainable)
+        self.trainable = dict(trainable if trainable is not None else self.default_trainable)
+        hparams = constructor_arguments(self)
+        if "trainable" in hparams:  # what actually trains, default resolved
+            hparams["trainable"] = self.trainable
+        self.save_hyperparameters({k: plain(v) for k, v in hparams.items()})
         self.init_from = as_init_list(init_from)
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -145,30 +199,41 @@ class Stage(pl.LightningModule):
         self.grad_clip = grad_clip
         self.peak_flops = peak_flops
         self.activation_checkpointing = activation_checkpointing
-        self._initialised = False
         self._configured = False
+        self._frozen = False
         self._last_time: float | None = None
         self._supervised_total = 0
-
-    def save_plain_hyperparameters(self, **hparams: Any) -> None:
-        """Record the constructor arguments as plain data (checkpoints stay loadable with `weights_only=True`)."""
-        self.save_hyperparameters({k: plain(v) for k, v in hparams.items()})
+        self.model = model
+        self.freeze()
 
     # ------------------------------------------------------------------------------------------------ components
 
     def components(self) -> dict[str, nn.Module]:
         return dict(self.model.named_children())
 
-    def apply_freezing(self) -> None:
-        """requires_grad from `trainable`; an unknown component name is an error naming the known ones."""
-        names = [f"model.{n}" for n, _ in self.model.named_modules() if n]
+    def freeze(self) -> None:
+        """Apply `trainable`, once: listed components train, the rest get `requires_grad=False` and eval mode.
+
+        An unknown component name is an error naming the known ones. The listed module's own `requires_grad_` decides
+        inside it (a vision tower keeps its unused layers frozen, DDP needs that; LM4VE's frozen block stays frozen).
+        """
+        if self._frozen:
+            raise RuntimeError(f"{type(self).__name__} is frozen once, at construction; freeze() was called again")
+        names = {n for n, _ in self.model.named_modules() if n}
         for comp in self.trainable:
-            if f"model.{comp}" not in names:
+            if comp not in names:
                 raise ValueError(f"trainable: unknown component {comp!r}; known: {sorted(self.components())}")
         self.model.requires_grad_(False)
         for comp in self.trainable:
-            # the module's own requires_grad_ (a vision tower keeps its unused layers frozen: DDP needs that)
             self.model.get_submodule(comp).requires_grad_(True)
+        self._frozen = True
+        frozen = self.frozen_modules()
+        for module in frozen:
+            module.eval()
+        kept = [n for n, m in self.model.named_modules() if any(m is f for f in frozen)]
+        rank_zero_info(
+            f"{type(self).__name__}: training {dict(self.trainable)}; frozen and kept in eval mode: {kept or 'nothing'}"
+        )
 
     def frozen_modules(self) -> list[nn.Module]:
         """The largest submodules without any trainable parameter (kept in eval mode): whole frozen components, and the
@@ -188,8 +253,9 @@ class Stage(pl.LightningModule):
         return found
 
     def train(self, mode: bool = True) -> Stage:
+        """The one place frozen parts are kept in eval mode (Lightning calls it at fit start and after validation)."""
         super().train(mode)
-        if mode and hasattr(self, "model"):
+        if mode and getattr(self, "_frozen", False):
             for m in self.frozen_modules():
                 m.eval()
         return self
@@ -218,19 +284,13 @@ class Stage(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ set-up
 
-    def initialise(self) -> None:
-        """Weights-only init and freezing, once, before any sharding or checkpoint restore."""
-        if self._initialised:
-            return
-        apply_init_from(self.model, self.init_from)
-        self.apply_freezing()
-        self._initialised = True
-
     def configure_model(self) -> None:
-        self.initialise()
+        """Weights-only `init_from`, then sharding, once (Lightning may call this more than once; a resume then
+        overwrites the initialised weights with the checkpoint's)."""
         if self._configured:
             return
         self._configured = True
+        apply_init_from(self.model, self.init_from)
         from visprior.stages.parallelize import FSDP2Strategy, parallelize
 
         strategy = self.trainer.strategy if self._trainer is not None else None
@@ -243,13 +303,9 @@ class Stage(pl.LightningModule):
             parallelize(self.model, None, self.activation_checkpointing)
 
     def on_fit_start(self) -> None:
-        self.train()
+        self.train()  # Lightning 2.6 keeps the mode a module comes with; the override keeps frozen parts in eval
         if self.trainer.is_global_zero:
             self.log_parameter_table()
-
-    def on_train_epoch_start(self) -> None:
-        for m in self.frozen_modules():
-            m.eval()
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = []
@@ -339,5 +395,3 @@ class Stage(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_resumable(checkpoint)
         self._supervised_total = checkpoint.get("visprior", {}).get("supervised_tokens", 0)
-        self._initialised = True  # weights come from the checkpoint: init_from must not overwrite them
-        self.apply_freezing()

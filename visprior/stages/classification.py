@@ -67,34 +67,19 @@ class ImageClassification(Stage):
         tower = build_vision_tower(dataclasses.replace(vision_tower, feature_layer=-1))
         block = build_frozen_block(frozen_block, tower.hidden_size) if frozen_block is not None else None
         model = FrozenBlockClassifier(tower, block, num_classes, pool, norm=head_norm)
-        if trainable is None:
+        if trainable is None:  # every component (LM4VE's llm_block keeps its LLM block frozen itself)
             trainable = dict.fromkeys((name for name, _ in model.named_children()), 1e-3)
-        super().__init__(trainable=trainable, weight_decay=weight_decay, **stage_args)
-        self.save_plain_hyperparameters(
-            vision_tower=vision_tower,
-            num_classes=num_classes,
-            frozen_block=frozen_block,
-            head_norm=head_norm,
-            pool=pool,
-            label_smoothing=label_smoothing,
-            mixup=mixup,
-            trainable=trainable,
-            weight_decay=weight_decay,
-            **stage_args,
-        )
+        super().__init__(model, trainable=trainable, weight_decay=weight_decay, **stage_args)
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.mixup = mixup
-        self.model = model
         self.image_transform = tower.image_transform
         top_k = min(5, num_classes)
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
-        self.apply_freezing()
-        if frozen_block is not None and frozen_block.variant == "llm_block":
-            block_params = self.model.frozen_block.block.parameters()
-            if any(p.requires_grad for p in block_params):
-                raise ValueError("variant llm_block keeps the LLM block frozen: use llm_block_unfrozen to train it")
+        llm_block = frozen_block is not None and frozen_block.variant == "llm_block"
+        if llm_block and any(p.requires_grad for p in self.model.frozen_block.block.parameters()):
+            raise ValueError("variant llm_block keeps the LLM block frozen: use llm_block_unfrozen to train it")
 
     def logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values)  # [B, num_classes]

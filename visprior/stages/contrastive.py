@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +56,8 @@ def clip_loss(logits: torch.Tensor) -> torch.Tensor:
 class ContrastivePretraining(Stage):
     """SigLIP- or CLIP-style training of a vision tower against a small text encoder on image-caption pairs."""
 
+    default_trainable: ClassVar[dict[str, float]] = {"vision_tower": 1e-3, "text_encoder": 1e-3, "head": 1e-3}
+
     def __init__(
         self,
         vision_tower: VisionTowerSpec,
@@ -73,32 +75,22 @@ class ContrastivePretraining(Stage):
             text_encoder: a small causal LM over the shared tokenizer, read at the caption's final `<eos>`.
             loss: `siglip` (sigmoid, learned bias) or `clip` (softmax InfoNCE).
             embed_dim: width of the joint embedding space.
-            trainable: component -> learning rate (default: vision_tower, text_encoder and head at 1e-3).
+            trainable: component -> learning rate (default: the class's `default_trainable`).
             weight_decay: AdamW decay for matrices.
             stage_args: the shared options of `Stage`.
         """
         vision_tower = coerce(VisionTowerSpec, vision_tower)
         text_encoder = coerce(LanguageModelSpec, text_encoder)
-        trainable = trainable if trainable is not None else {"vision_tower": 1e-3, "text_encoder": 1e-3, "head": 1e-3}
-        super().__init__(trainable=trainable, weight_decay=weight_decay, **stage_args)
-        self.save_plain_hyperparameters(
-            vision_tower=vision_tower,
-            text_encoder=text_encoder,
-            loss=loss,
-            embed_dim=embed_dim,
-            trainable=trainable,
-            weight_decay=weight_decay,
-            **stage_args,
-        )
-        self.loss_name = loss
         tower = build_vision_tower(dataclasses.replace(vision_tower, feature_layer=-1))
-        causal_lm, self.tokenizer = build_language_model(text_encoder)
+        causal_lm, tokenizer = build_language_model(text_encoder)
         text = getattr(causal_lm, causal_lm.base_model_prefix)  # the decoder only: an LM head would train on nothing
         head = ContrastiveHead(tower.hidden_size, text.config.hidden_size, embed_dim, loss)
-        self.model = nn.ModuleDict({"vision_tower": tower, "text_encoder": text, "head": head})
+        model = nn.ModuleDict({"vision_tower": tower, "text_encoder": text, "head": head})
+        super().__init__(model, trainable=trainable, weight_decay=weight_decay, **stage_args)
+        self.loss_name = loss
+        self.tokenizer = tokenizer
         self.image_transform = tower.image_transform
         self.num_image_tokens = 1
-        self.apply_freezing()
 
     def embed_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         feats = self.model["vision_tower"](pixel_values).mean(dim=1)  # [N, D_v]

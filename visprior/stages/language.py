@@ -7,7 +7,7 @@ model is the text-only `VisionLanguageModel` (no tower), so its `language_model`
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vlm import VLMSpec
@@ -17,6 +17,8 @@ from visprior.stages.vision_language import VLMStage
 
 class LanguagePretraining(VLMStage):
     """Causal language modelling on text: the toy LLM that later stages start from."""
+
+    default_trainable: ClassVar[dict[str, float]] = {"language_model": 3e-3}
 
     def __init__(
         self,
@@ -28,15 +30,12 @@ class LanguagePretraining(VLMStage):
         """
         Args:
             language_model: the LM and tokenizer to build (a toy config or a local HF folder).
-            trainable: component -> learning rate; the only component is `language_model` (default lr 3e-3).
+            trainable: component -> learning rate; the only component is `language_model` (default: the class's
+                `default_trainable`).
             weight_decay: AdamW decay for matrices.
             stage_args: the shared options of `Stage` (init_from, warmup_steps, peak_flops, ...).
         """
         language_model = coerce(LanguageModelSpec, language_model)
-        trainable = trainable if trainable is not None else {"language_model": 3e-3}
         super().__init__(
             VLMSpec(language_model=language_model), trainable=trainable, weight_decay=weight_decay, **stage_args
-        )
-        self.save_plain_hyperparameters(
-            language_model=language_model, trainable=trainable, weight_decay=weight_decay, **stage_args
         )

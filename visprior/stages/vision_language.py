@@ -1,20 +1,23 @@
 """Stages that train the VisionLanguageModel with next-token loss: alignment / pre-training and instruction tuning.
 
-They differ only in data and in which components train, so they share one step. `VisionLanguagePretraining` takes any
-weighted mixture of pairs, interleaved documents and text (MM1's 45:45:10 is a weight vector in the data module) and by
-default trains the connector only (LLaVA's alignment); `InstructionTuning` trains on LLaVA-schema conversations, optionally
-re-blended with text-only conversations (VILA), and by default trains the connector and the LM.
+They differ only in data and in which components train by default, so they are one constructor with two defaults:
+`VisionLanguagePretraining` takes any weighted mixture of pairs, interleaved documents and text (MM1's 45:45:10 is a
+weight vector in the data module) and by default trains the connector only (LLaVA's alignment); `InstructionTuning`
+trains on LLaVA-schema conversations, optionally re-blended with text-only conversations (VILA), and by default trains the
+connector and the LM. Either adds VW-LMM's visual-words loss with `visual_words` (`visprior.models.visual_words`): the
+text and visual-words losses are logged separately.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from visprior.models.connectors import ConnectorSpec
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vision import VisionTowerSpec
+from visprior.models.visual_words import VisualWordsSpec
 from visprior.models.vlm import VisionLanguageModel, VLMSpec, build_vlm
 from visprior.stages.base import Stage, StepOutput, coerce
 from visprior.stages.flops import flops_factor, transformer_flops_per_token
@@ -35,19 +38,18 @@ class VLMStage(Stage):
     def __init__(self, spec: VLMSpec, loss_average: Literal["token", "turn"] = "token", **stage_args: Any):
         """
         Args:
-            spec: the model: language model, vision tower (None for text only) and connector.
+            spec: the model: language model, vision tower (None for text only), connector, visual words.
             loss_average: `token` (mean over supervised tokens) or `turn` (every answer turn weighs the same).
             stage_args: the shared options of `Stage` (trainable, init_from, warmup_steps, peak_flops, ...).
         """
         if loss_average not in ("token", "turn"):
             raise ValueError(f"loss_average must be 'token' or 'turn', got {loss_average!r}")
-        super().__init__(**stage_args)
+        model = build_vlm(spec)
+        super().__init__(model, **stage_args)
         self.loss_average = loss_average
-        self.model = build_vlm(spec)
-        self.tokenizer = self.model.tokenizer
-        self.image_transform = self.model.image_transform
-        self.num_image_tokens = self.model.num_image_tokens
-        self.apply_freezing()
+        self.tokenizer = model.tokenizer
+        self.image_transform = model.image_transform
+        self.num_image_tokens = model.num_image_tokens
 
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
         out = self.model(
@@ -62,7 +64,13 @@ class VLMStage(Stage):
         pixels = batch.get("pixel_values")
         images = 0 if pixels is None else int(pixels.shape[0])
         loss = out.loss if pixels is not None else out.loss + self.unused_vision_term()
-        return StepOutput(loss=loss, tokens=tokens, supervised=int(out.num_supervised), samples=docs, images=images)
+        metrics = {}
+        if self.model.visual_words is not None:  # both losses, so a recipe can see what each term does
+            metrics["text_loss"] = out.text_loss.detach()
+            if out.visual_words_loss is not None:
+                metrics["visual_words_loss"] = out.visual_words_loss.detach()
+        supervised = int(out.num_supervised)
+        return StepOutput(loss, tokens=tokens, supervised=supervised, samples=docs, images=images, metrics=metrics)
 
     def unused_vision_term(self) -> torch.Tensor | float:
         """0 times the trainable vision-side parameters, for a batch without images (text rows of a mixture).
@@ -72,7 +80,7 @@ class VLMStage(Stage):
         """
         params = [
             p
-            for name in ("vision_tower", "connector")
+            for name in ("vision_tower", "connector", "vm_head")
             if getattr(self.model, name, None) is not None
             for p in getattr(self.model, name).parameters()
             if p.requires_grad
@@ -110,55 +118,23 @@ class VLMStage(Stage):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.compute_loss(batch)
         self.log("val/loss", out.loss, batch_size=max(out.supervised, 1), sync_dist=True)
+        for name, value in out.metrics.items():
+            self.log(f"val/{name}", value, batch_size=max(out.supervised, 1), sync_dist=True)
 
 
 class VisionLanguagePretraining(VLMStage):
     """Alignment / multimodal pre-training on a weighted mixture of pairs, interleaved documents and text."""
 
-    def __init__(
-        self,
-        language_model: LanguageModelSpec | None = None,
-        vision_tower: VisionTowerSpec | None = None,
-        connector: ConnectorSpec | None = None,
-        trainable: dict[str, float] | None = None,
-        **stage_args: Any,
-    ):
-        """
-        Args:
-            language_model: the LM and tokenizer (a toy config or a local HF folder); None: from `init_from`.
-            vision_tower: the vision tower (config or local folder) and the layer it is read at; None: from `init_from`.
-            connector: vision features -> LM embeddings (default `mlp2x_gelu`, one token per patch).
-            trainable: component -> learning rate (default: the connector only at 1e-3, LLaVA's alignment stage).
-            stage_args: the shared options of `Stage`.
-        """
-        language_model, vision_tower, connector, stage_args["init_from"] = resolve_model_specs(
-            coerce(LanguageModelSpec, language_model),
-            coerce(VisionTowerSpec, vision_tower),
-            coerce(ConnectorSpec, connector),
-            stage_args.get("init_from"),
-        )
-        connector = connector or ConnectorSpec()
-        trainable = trainable if trainable is not None else {"connector": 1e-3}
-        super().__init__(VLMSpec(language_model, vision_tower, connector), trainable=trainable, **stage_args)
-        self.save_plain_hyperparameters(
-            language_model=language_model,
-            vision_tower=vision_tower,
-            connector=connector,
-            trainable=trainable,
-            **stage_args,
-        )
-
-
-class InstructionTuning(VLMStage):
-    """Instruction tuning on LLaVA-schema conversations (optionally re-blended with text-only ones in the data module)."""
+    default_trainable: ClassVar[dict[str, float]] = {"connector": 1e-3}  # LLaVA's alignment: the connector only
 
     def __init__(
         self,
         language_model: LanguageModelSpec | None = None,
         vision_tower: VisionTowerSpec | None = None,
         connector: ConnectorSpec | None = None,
-        trainable: dict[str, float] | None = None,
+        visual_words: VisualWordsSpec | None = None,
         loss_average: Literal["token", "turn"] = "token",
+        trainable: dict[str, float] | None = None,
         **stage_args: Any,
     ):
         """
@@ -166,9 +142,11 @@ class InstructionTuning(VLMStage):
             language_model: the LM and tokenizer (a toy config or a local HF folder); None: from `init_from`.
             vision_tower: the vision tower (config or local folder) and the layer it is read at; None: from `init_from`.
             connector: vision features -> LM embeddings (default `mlp2x_gelu`, one token per patch).
-            trainable: component -> learning rate (default: connector 1e-3 and language model 2e-4).
+            visual_words: VW-LMM's KL at image positions (adds a `vm_head` component, which trains at the connector's
+                learning rate unless `trainable` names it or `visual_words.train_head` is false); None: text loss only.
             loss_average: `token` (LLaVA: mean over supervised tokens) or `turn` (every answer turn weighs the same, so
                 one-word answers are not outweighed by long descriptions).
+            trainable: component -> learning rate (default: the class's `default_trainable`).
             stage_args: the shared options of `Stage`.
         """
         language_model, vision_tower, connector, stage_args["init_from"] = resolve_model_specs(
@@ -178,18 +156,23 @@ class InstructionTuning(VLMStage):
             stage_args.get("init_from"),
         )
         connector = connector or ConnectorSpec()
-        trainable = trainable if trainable is not None else {"connector": 1e-3, "language_model": 2e-4}
-        super().__init__(
-            VLMSpec(language_model, vision_tower, connector),
-            loss_average=loss_average,
-            trainable=trainable,
-            **stage_args,
-        )
-        self.save_plain_hyperparameters(
-            language_model=language_model,
-            vision_tower=vision_tower,
-            connector=connector,
-            trainable=trainable,
-            loss_average=loss_average,
-            **stage_args,
-        )
+        visual_words = coerce(VisualWordsSpec, visual_words)
+        trainable = dict(trainable if trainable is not None else self.default_trainable)
+        if (
+            visual_words is not None
+            and visual_words.train_head
+            and "vm_head" not in trainable
+            and "connector" in trainable
+        ):
+            trainable["vm_head"] = trainable["connector"]
+        spec = VLMSpec(language_model, vision_tower, connector, visual_words)
+        super().__init__(spec, loss_average=loss_average, trainable=trainable, **stage_args)
+
+
+class InstructionTuning(VisionLanguagePretraining):
+    """Instruction tuning on LLaVA-schema conversations (optionally re-blended with text-only ones in the data module).
+
+    The constructor is `VisionLanguagePretraining`'s; only what trains by default differs.
+    """
+
+    default_trainable: ClassVar[dict[str, float]] = {"connector": 1e-3, "language_model": 2e-4}  # LLaVA's SFT
