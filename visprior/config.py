@@ -36,6 +36,7 @@ HARDWARE_KEYS = frozenset({"accelerator", "devices", "num_nodes", "strategy", "p
 """The only `trainer` keys a trainer fragment may set: where and in which precision a run executes, never what it is."""
 PATH_KEYS = frozenset(
     {"path", "tokenizer", "train", "val", "save_dir", "dirpath", "default_root_dir", "mle_bench", "images", "root"}
+    | {"checkpoint"}  # LM4VE's frozen_block.checkpoint (a LanguagePretraining .ckpt)
 )
 """Keys whose relative string values are paths (sources, model folders, tokenizers, logger and checkpoint folders)."""
 YAML_SUFFIXES = (".yaml", ".yml")
