@@ -151,6 +151,7 @@ def test_the_cli_adds_each_robustness_callback_once(tmp_path: Path, monkeypatch)
         ExactLoaderResume,
         NonFiniteGuard,
         PreemptionCallback,
+        RNGStateCallback,
     )
 
     built: list[StageCLI] = []
@@ -169,7 +170,8 @@ def test_the_cli_adds_each_robustness_callback_once(tmp_path: Path, monkeypatch)
     main(["fit", "--config", str(recipe)])
     trainer = built[0].trainer
     kinds = [type(cb) for cb in trainer.callbacks]
-    for kind in (AtomicModelCheckpoint, LearningRateMonitor, ExactLoaderResume, PreemptionCallback, DataHealthCallback):
+    robust = (ExactLoaderResume, PreemptionCallback, DataHealthCallback, RNGStateCallback)
+    for kind in (AtomicModelCheckpoint, LearningRateMonitor, *robust):
         assert kinds.count(kind) == 1, (kind, kinds)
     guard = next(cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard))
     assert kinds.count(NonFiniteGuard) == 1 and guard.max_consecutive == 3

@@ -3,7 +3,8 @@
 Every run gets, whatever fragments it composes (so no YAML can forget or duplicate them):
 - the checkpoint callback `AtomicModelCheckpoint` (settings: the top-level `checkpoint:` group) unless the trainer has
   `enable_checkpointing: false`;
-- `ExactLoaderResume`, `PreemptionCallback`, `NonFiniteGuard` (settings: `nonfinite:`) and `DataHealthCallback`;
+- `ExactLoaderResume`, `PreemptionCallback`, `NonFiniteGuard` (settings: `nonfinite:`), `DataHealthCallback` and
+  `RNGStateCallback`;
 - `LearningRateMonitor` when there is a logger;
 - `AtomicCheckpointIO` (atomic writes, `weights_only=True` reads) unless a CheckpointIO plugin is given or the strategy
   writes sharded checkpoints itself (`ModelParallelStrategy`, i.e. FSDP2).
@@ -28,6 +29,7 @@ from visprior.training import (
     ExactLoaderResume,
     NonFiniteGuard,
     PreemptionCallback,
+    RNGStateCallback,
 )
 
 
@@ -55,6 +57,7 @@ class StageCLI(LightningCLI):
             PreemptionCallback(),  # SIGTERM / SIGUSR1: save a resumable checkpoint, exit cleanly
             NonFiniteGuard(**self._group("nonfinite")),  # skip non-finite steps; stop after N in a row
             DataHealthCallback(),  # skip counts per source and reason: tensorboard + run dir
+            RNGStateCallback(),  # every rank's RNG state in the checkpoint, put back on resume
         ]
         return callbacks
 

@@ -1,8 +1,10 @@
 """A few-parameter LightningModule on a stateful, deterministic, infinite batch stream, for the robustness tests.
 
-Batch number ``g`` (global, in the round-robin order a StatefulDataLoader yields them) is a pure function of ``(seed, g)``,
-so any worker count gives the same sequence and a resumed loader must continue at exactly the next ``g``. Batches carry
-``keys`` and fake ``skips`` as the real loader's do; ``nan_at`` poisons chosen batches with NaN.
+Batch number ``g`` is a pure function of ``(seed, g)``. Under DDP rank r of W reads g = i * W + r for its i-th batch
+(i counted in the round-robin order a StatefulDataLoader yields its workers' batches), so the ranks read different data,
+any worker count gives the same sequence, and a resumed loader must continue at exactly the next ``g``. Batches carry
+``keys`` and fake ``skips`` as the real loader's do; ``nan_at`` poisons chosen batches with NaN. ``TinyModule(dropout=p)``
+draws a dropout mask every step, from a generator seeded per rank, so a resume is exact only if RNG state is restored.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from visprior.training.nonfinite import skip_nonfinite
+from visprior.training.nonfinite import find_guard, skip_nonfinite
 
 
 class TinyStream(IterableDataset):
@@ -44,8 +46,10 @@ class TinyStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         while True:
-            g = self.index * nw + wid
+            g = (self.index * nw + wid) * world + rank
             self.index += 1
             yield self.make(g)
 
@@ -56,20 +60,26 @@ def tiny_loader(num_workers: int = 0, **stream_kwargs: Any) -> StatefulDataLoade
 
 
 class TinyModule(pl.LightningModule):
-    """Linear regression with AdamW and (optionally) a scheduler sized by ``estimated_stepping_batches``."""
+    """Linear regression with AdamW, (optionally) a scheduler sized by ``estimated_stepping_batches``, input dropout."""
 
-    def __init__(self, scheduler: bool = True, lr: float = 0.05) -> None:
+    def __init__(self, scheduler: bool = True, lr: float = 0.05, dropout: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.linear = torch.nn.Linear(3, 1)
         self.losses: dict[int, float] = {}
         self.seen: dict[int, int] = {}
 
+    def on_train_start(self) -> None:
+        if self.hparams.dropout:  # ranks draw different masks (a restore that mixed up the ranks' states would show)
+            torch.manual_seed(1000 + self.global_rank)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        pred = self.linear(batch["x"]).squeeze(-1)  # [B]
+        x = torch.nn.functional.dropout(batch["x"], self.hparams.dropout, training=self.training)  # [B, 3]
+        pred = self.linear(x).squeeze(-1)  # [B]
         loss = torch.nn.functional.mse_loss(pred, batch["y"])
         loss = skip_nonfinite(self, loss, batch)
-        if loss is not None:
+        guard = find_guard(self._trainer)
+        if loss is not None and not (guard and guard.skipped_this_step):  # under DDP a skipped step returns the loss
             self.losses[self.global_step] = loss.item()
             self.seen[self.global_step] = int(batch["g"])
             self.log("train/loss", loss)

@@ -2,7 +2,9 @@
 
 ``--pause-at K`` stops at the start of step K, writes ``<root>/paused`` and waits (up to 120 s) for a signal, so the test
 can deliver SIGTERM or SIGKILL at a known step. ``--slow-save-after S`` makes every checkpoint written after step S write
-half its bytes, touch ``<root>/writing`` and hang, so the test can kill the process mid-write.
+half its bytes, touch ``<root>/writing`` and hang, so the test can kill the process mid-write. The module applies input
+dropout (``--dropout``, 0.25 by default), so every step draws random numbers; ``--nan-at`` and ``--skips-every`` feed the
+NonFiniteGuard and DataHealthCallback whose end states go into the JSON beside the losses.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from visprior.training.data_health import DataHealthCallback  # noqa: E402
 from visprior.training.loader_state import ExactLoaderResume  # noqa: E402
 from visprior.training.nonfinite import NonFiniteGuard  # noqa: E402
 from visprior.training.preemption import PreemptionCallback  # noqa: E402
+from visprior.training.rng_state import RNGStateCallback  # noqa: E402
 
 
 class Pause(pl.Callback):
@@ -85,6 +88,9 @@ def main() -> None:
     ap.add_argument("--no-scheduler", action="store_true")
     ap.add_argument("--naive-io", action="store_true")
     ap.add_argument("--devices", type=int, default=1, help="2: DDP on gloo, two CPU processes")
+    ap.add_argument("--dropout", type=float, default=0.25, help="input dropout: every step draws random numbers")
+    ap.add_argument("--nan-at", default="", help="batch numbers g (comma-separated) whose input holds a NaN")
+    ap.add_argument("--skips-every", type=int, default=0, help="every k-th batch reports fake skipped samples")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -95,7 +101,8 @@ def main() -> None:
     ckpt = checkpointing.AtomicModelCheckpoint(
         dirpath=args.root / "ckpt", save_last=True, every_n_train_steps=args.every or None, save_top_k=0
     )
-    callbacks = [ExactLoaderResume(), preemption, ckpt, NonFiniteGuard(3), DataHealthCallback()]
+    guard, health = NonFiniteGuard(3), DataHealthCallback()
+    callbacks = [ExactLoaderResume(), preemption, ckpt, guard, health, RNGStateCallback()]
     if args.pause_at >= 0:
         callbacks.append(Pause(args.root, args.pause_at, preemption))
     trainer = pl.Trainer(
@@ -112,12 +119,16 @@ def main() -> None:
         num_sanity_val_steps=0,
         deterministic=True,
     )
-    model = TinyModule(scheduler=not args.no_scheduler)
-    trainer.fit(model, train_dataloaders=tiny_loader(args.workers), ckpt_path="last" if args.resume else None)
+    model = TinyModule(scheduler=not args.no_scheduler, dropout=args.dropout)
+    stream = {"nan_at": tuple(int(g) for g in args.nan_at.split(",") if g), "skips_every": args.skips_every}
+    loader = tiny_loader(args.workers, **stream)
+    trainer.fit(model, train_dataloaders=loader, ckpt_path="last" if args.resume else None)
     out = {"losses": {str(k): v for k, v in model.losses.items()}, "seen": {str(k): v for k, v in model.seen.items()}}
     out["weight"] = model.linear.weight.detach().flatten().tolist() + model.linear.bias.detach().tolist()
     out["stopped_by_preemption"] = preemption.saved_path
     out["stopped_at"] = trainer.global_step
+    out["guard"] = {"total_skipped": guard.total_skipped, "consecutive": guard.consecutive}
+    out["skips"] = health.totals
     suffix = "" if trainer.global_rank == 0 else f"-rank{trainer.global_rank}"
     (args.root / f"losses-{args.tag}{suffix}.json").write_text(json.dumps(out))
 

@@ -17,11 +17,18 @@ from visprior.training.data_health import DataHealthCallback
 from visprior.training.loader_state import ExactLoaderResume
 from visprior.training.nonfinite import NonFiniteGuard, skip_nonfinite
 from visprior.training.preemption import PreemptionCallback
+from visprior.training.rng_state import RNGStateCallback
 
 
 def robust_callbacks(max_consecutive_nonfinite: int = 5) -> list[Callback]:
     """The callbacks every stage wants (add an ``AtomicModelCheckpoint(save_last=True)`` beside them)."""
-    return [ExactLoaderResume(), PreemptionCallback(), NonFiniteGuard(max_consecutive_nonfinite), DataHealthCallback()]
+    return [
+        ExactLoaderResume(),
+        PreemptionCallback(),
+        NonFiniteGuard(max_consecutive_nonfinite),
+        DataHealthCallback(),
+        RNGStateCallback(),
+    ]
 
 
 __all__ = [
@@ -31,6 +38,7 @@ __all__ = [
     "ExactLoaderResume",
     "NonFiniteGuard",
     "PreemptionCallback",
+    "RNGStateCallback",
     "atomic_torch_save",
     "last_checkpoint_path",
     "robust_callbacks",

@@ -3,10 +3,13 @@
 One NaN batch (a degenerate sample, an overflow) should cost one step, not the run; a run that produces nothing but NaNs is
 broken and must stop loudly instead of burning compute. Two checks, one counter:
 
-* loss: the stage's ``training_step`` returns ``skip_nonfinite(self, loss, batch)``; ``None`` makes Lightning's automatic
-  optimization skip backward, so every gradient stays ``None`` and the optimizer moves no parameter (Lightning still
-  calls ``optimizer.step``, so ``global_step`` and a per-step scheduler advance: a skipped step is a no-op step). Under DDP the decision is all-reduced (one rank returning ``None``
-  while the others run backward would hang the gradient all-reduce).
+* loss: the stage's ``training_step`` returns ``skip_nonfinite(self, loss, batch)``. The decision is all-reduced, so
+  every rank skips the same steps. In one process it returns ``None``: Lightning's automatic optimization skips backward,
+  every gradient stays ``None`` and the optimizer moves no parameter (Lightning still calls ``optimizer.step``, so
+  ``global_step`` and a per-step scheduler advance: a skipped step is a no-op step). Under DDP/FSDP Lightning refuses
+  ``None`` ("Skipping the `training_step` by returning None in distributed training is not supported") and the
+  gradient all-reduce needs every rank's backward, so there the loss is returned, backward runs on every rank, and the
+  guard drops every gradient in ``on_before_optimizer_step``: the same no-op step.
 * gradient norm: ``on_before_optimizer_step`` sets every gradient to ``None`` when the total norm is not finite, so the
   optimizer leaves every parameter and its moments untouched (the scheduler and ``global_step`` still advance).
 
@@ -49,6 +52,11 @@ class NonFiniteGuard(Callback):
     def state_key(self) -> str:
         return "NonFiniteGuard"
 
+    @property
+    def skipped_this_step(self) -> bool:
+        """Whether the step in progress is being skipped (on every rank: the decision is all-reduced)."""
+        return self._skipped_this_batch
+
     def record_skip(self, trainer: pl.Trainer, what: str, batch: Any = None) -> None:
         """Count one skipped step; raise once ``max_consecutive`` skips happened in a row."""
         batch = self._batch if batch is None else batch
@@ -73,6 +81,10 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if self._skipped_this_batch:  # a non-finite loss under DDP/FSDP: backward ran (see skip_nonfinite), drop it
+            for p in pl_module.parameters():
+                p.grad = None
+            return
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
@@ -110,7 +122,9 @@ def find_guard(trainer: pl.Trainer | None) -> NonFiniteGuard | None:
 def skip_nonfinite(module: pl.LightningModule, loss: torch.Tensor, batch: Any) -> torch.Tensor | None:
     """Return ``loss``, or ``None`` (skip this step) when it is not finite on any rank.
 
-    Without a ``NonFiniteGuard`` on the trainer a non-finite loss raises at once: it is never silently trained on.
+    Under several processes a skipped step returns ``loss`` itself (Lightning refuses ``None`` there, and every rank must
+    run backward for the gradient all-reduce); the guard then drops the gradients before the optimizer step. Without a
+    ``NonFiniteGuard`` on the trainer a non-finite loss raises at once: it is never silently trained on.
     """
     trainer = module._trainer
     finite = bool(torch.isfinite(loss.detach()).all())
@@ -126,7 +140,7 @@ def skip_nonfinite(module: pl.LightningModule, loss: torch.Tensor, batch: Any) -
             "(add visprior.training.NonFiniteGuard to skip such steps)"
         )
     guard.record_skip(trainer, f"loss ({loss.detach().float().mean().item()})", batch)
-    return None
+    return loss if trainer.world_size > 1 else None
 
 
 __all__ = ["NonFiniteGuard", "find_guard", "skip_nonfinite"]
