@@ -288,3 +288,64 @@ def test_variant_llm_block_refuses_to_train_its_block() -> None:
             pool="cls",
             trainable={"vision_tower": 1e-3, "frozen_block.block": 1e-3, "head": 1e-3},
         )
+
+
+@pytest.fixture(scope="module")
+def lm4ve_project(toyworld_dir: Path, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A project folder with the toy world, the recipes and a toy-LM LanguagePretraining checkpoint where
+    recipes/_base/models/lm4ve-block.yaml expects the text pre-training run's."""
+    import yaml
+
+    from visprior.stages import LanguagePretraining
+
+    root = tmp_path_factory.mktemp("lm4ve")
+    (root / "data").mkdir()
+    os.symlink(toyworld_dir, root / "data" / "toyworld")
+    os.symlink(REPO / "recipes", root / "recipes")
+    config = yaml.safe_load((REPO / "recipes/_base/models/toy-lm.yaml").read_text())["config"]
+    stage = LanguagePretraining(LanguageModelSpec(config=config, tokenizer=str(tokenizer_dir)))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(stage)
+    ckpt = root / "runs" / "text-pretrain" / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    trainer.save_checkpoint(ckpt)
+    return root
+
+
+def fit_cli(root: Path, monkeypatch, *args: str) -> None:
+    monkeypatch.chdir(root)
+    from visprior.cli import main
+
+    main(["fit", *args, "--config", "recipes/_base/scales/smoke.yaml", "--trainer.enable_progress_bar=false"])
+
+
+@pytest.mark.parametrize("variant", ["llm_block", "llm_block_unfrozen", "mlp", "none"])
+def test_lm4ve_yaml_runs_each_variant_at_smoke_size(variant, lm4ve_project, monkeypatch):
+    """`visprior fit --config recipes/_base/stages/lm4ve.yaml --model.init_args.frozen_block.variant V` (smoke size)."""
+    name = f"lm4ve-{variant}"
+    fit_cli(lm4ve_project, monkeypatch, "--config", "recipes/_base/stages/lm4ve.yaml",
+            f"--model.init_args.frozen_block.variant={variant}", f"--trainer.logger.init_args.name={name}")  # fmt: skip
+    ckpt = torch.load(lm4ve_project / "runs" / name / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 and ckpt["hyper_parameters"]["frozen_block"]["variant"] == variant
+    state = ckpt["state_dict"]
+    components = {k.split(".")[1] for k in state}
+    assert components == ({"vision_tower", "norm", "head"} | ({"frozen_block"} if variant != "none" else set()))
+    lm = torch.load(lm4ve_project / "runs/text-pretrain/run/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    layer = "model.language_model.model.layers.5."  # toy-lm has 6 layers: layer -1
+    block = {k.removeprefix("model.frozen_block.block."): v for k, v in state.items() if ".block." in k}
+    if variant == "llm_block":  # the LLM layer, bit-identical after training
+        assert block and all(torch.equal(v, lm[layer + k]) for k, v in block.items())
+    elif variant == "llm_block_unfrozen":
+        assert any(not torch.equal(v, lm[layer + k]) for k, v in block.items())
+    else:
+        assert not block
+
+
+def test_classify_yaml_takes_the_frozen_block_key(lm4ve_project, monkeypatch):
+    """classify.yaml itself with `frozen_block` given: the toy SigLIP tower, mean pooling, the block's adapters train."""
+    fit_cli(lm4ve_project, monkeypatch, "--config", "recipes/_base/stages/classify.yaml",
+            "--model.init_args.frozen_block=recipes/_base/models/lm4ve-block.yaml",
+            "--trainer.logger.init_args.name=classify-lm4ve")  # fmt: skip
+    ckpt = torch.load(lm4ve_project / "runs/classify-lm4ve/run/checkpoints/last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["trainable"] == {"vision_tower": 1e-3, "frozen_block": 1e-3, "head": 1e-3}
+    assert ckpt["state_dict"]["model.frozen_block.adapter_in.weight"].shape == (256, 256)  # toy SigLIP -> toy LM

@@ -418,3 +418,24 @@ def test_frozen_once_and_in_eval_through_fit_validation_and_resume(
     for name, value in frozen_before.items():
         param = second.model.get_parameter(name)
         assert not param.requires_grad and torch.equal(param, value), name
+
+
+@pytest.mark.parametrize("name", ["align", "sft"])
+def test_visual_words_switch_in_the_stage_yaml(name, toyworld_dir, tokenizer_dir, tmp_path, monkeypatch):
+    """The one key `--model.init_args.visual_words recipes/_base/models/visual-words.yaml` adds vm_head and its loss."""
+    (tmp_path / "data").mkdir()
+    os.symlink(toyworld_dir, tmp_path / "data" / "toyworld")
+    os.symlink(REPO / "recipes", tmp_path / "recipes")
+    monkeypatch.chdir(tmp_path)
+    from visprior.cli import main
+
+    main(["fit", "--config", f"recipes/_base/stages/{name}.yaml", "--config", "recipes/_base/scales/smoke.yaml",
+          "--model.init_args.visual_words=recipes/_base/models/visual-words.yaml",
+          "--trainer.enable_progress_bar=false"])  # fmt: skip
+    ckpt = torch.load(tmp_path / "runs" / name / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    assert hp["visual_words"] == {"weight": 1.0, "detach_target": False, "pseudo_image_features": False,
+                                  "temperature": 1.0, "train_head": True}  # fmt: skip
+    assert hp["trainable"]["vm_head"] == hp["trainable"]["connector"]
+    vocab, hidden = ckpt["state_dict"]["model.language_model.lm_head.weight"].shape
+    assert ckpt["state_dict"]["model.vm_head.weight"].shape == (vocab, hidden)

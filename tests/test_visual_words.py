@@ -254,3 +254,31 @@ def test_stage_switch_trains_vm_head_and_logs_both_losses(toyworld_dir, tokenize
     assert plain.model.vm_head is None and "vm_head" not in plain.trainable
     frozen_head = VisionLanguagePretraining(lm, tower, visual_words=VisualWordsSpec(train_head=False))
     assert "vm_head" not in frozen_head.trainable and not frozen_head.model.vm_head.weight.requires_grad
+
+
+def test_a_pseudo_feature_checkpoint_loads_for_evaluation(tmp_path, tokenizer_dir) -> None:
+    """`load_vlm` rebuilds vm_head from the hyper-parameters, so a PIF model evaluates with the features it trained on."""
+    import lightning.pytorch as pl
+
+    from visprior.eval.load import load_vlm
+    from visprior.models.language import LanguageModelSpec
+    from visprior.models.vision import VisionTowerSpec
+    from visprior.models.visual_words import VisualWordsSpec
+    from visprior.stages import VisionLanguagePretraining
+
+    lm = LanguageModelSpec(config={"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "intermediate_size": 64}, tokenizer=str(tokenizer_dir))  # fmt: skip
+    tower = VisionTowerSpec(config={"model_type": "siglip_vision_model", "image_size": 32, "patch_size": 16,
+                                    "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                    "intermediate_size": 64, "vision_use_head": False}, feature_layer=-1)  # fmt: skip
+    stage = VisionLanguagePretraining(lm, tower, visual_words=VisualWordsSpec(pseudo_image_features=True)).eval()
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(stage)
+    trainer.save_checkpoint(tmp_path / "vw.ckpt")
+    loaded = load_vlm(tmp_path / "vw.ckpt")
+    assert loaded.visual_words is not None and loaded.visual_words.pseudo_image_features
+    image_id = stage.model.image_token_id
+    ids = torch.tensor([[5, image_id, image_id, image_id, image_id, 6]])
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.embed(ids, pixels), stage.model.embed(ids, pixels))

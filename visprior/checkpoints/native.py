@@ -25,6 +25,7 @@ from visprior.checkpoints.weights import CheckpointFormatError, read_weight_file
 from visprior.models.connectors import ConnectorSpec
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vision import VisionTowerSpec
+from visprior.models.visual_words import VisualWordsSpec
 from visprior.models.vlm import VisionLanguageModel, VLMSpec
 from visprior.stages.init_from import InitFrom
 
@@ -113,7 +114,9 @@ def connector_spec(model: VisionLanguageModel) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- Lightning checkpoints
 
 # Classes a VLM stage's hyper-parameters may hold; loading stays `weights_only=True` with these allow-listed.
-SAFE_GLOBALS = [VLMSpec, LanguageModelSpec, VisionTowerSpec, ConnectorSpec, InitFrom, PosixPath, WindowsPath]
+SAFE_GLOBALS = [
+    VLMSpec, LanguageModelSpec, VisionTowerSpec, ConnectorSpec, VisualWordsSpec, InitFrom, PosixPath, WindowsPath
+]  # fmt: skip
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -139,10 +142,12 @@ def spec_from_hparams(hparams: dict) -> VLMSpec:
     def as_spec(cls, value):
         return value if value is None or isinstance(value, cls) else cls(**value)
 
+    tower = src.get("vision_tower")
     return VLMSpec(
         as_spec(LanguageModelSpec, src["language_model"]),
-        as_spec(VisionTowerSpec, src.get("vision_tower")),
-        as_spec(ConnectorSpec, src.get("connector")) if src.get("vision_tower") is not None else None,
+        as_spec(VisionTowerSpec, tower),
+        as_spec(ConnectorSpec, src.get("connector")) if tower is not None else None,
+        as_spec(VisualWordsSpec, src.get("visual_words")) if tower is not None else None,  # vm_head (PIF reads it)
     )
 
 

@@ -276,9 +276,15 @@ class Stage(pl.LightningModule):
         table = Table(title=f"{type(self).__name__}: parameters per component")
         for col in ("component", "trainable", "frozen", "lr", "mode"):
             table.add_column(col, justify="left" if col in ("component", "mode") else "right")
+        frozen_parts = self.frozen_modules()
         for name, trainable, frozen in self.parameter_table():
             lr = self.trainable.get(name)
-            mode = "train" if getattr(self.model, name).training else "eval"
+            component = getattr(self.model, name)
+            mode = "train" if component.training else "eval"
+            nested = [n for n, m in component.named_modules() if n and any(m is f for f in frozen_parts)]
+            if component.training and nested:  # frozen parts inside a trainable component (LM4VE's block)
+                shown = ", ".join(nested[:2]) + (f" +{len(nested) - 2}" if len(nested) > 2 else "")
+                mode = f"train; eval: {shown}"
             table.add_row(name, f"{trainable:,}", f"{frozen:,}", "-" if lr is None else f"{lr:g}", mode)
         Console().print(table)
 
