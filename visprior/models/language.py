@@ -87,12 +87,39 @@ def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
         ) from err
 
 
-def add_image_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Add `<image>` as a special token when missing and grow the embeddings to match the tokenizer."""
+def add_image_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Add `<image>` as a special token when missing; every embedding row it (or a grown vocabulary) brings gets the mean
+    of the original tokens' rows. Returns the ids of the rows set.
+
+    The original tokens' rows are left as they are, so a sequence of original tokens gets exactly the logits it had over
+    the original vocabulary (the new column is extra). Input and output embeddings are both set (one matrix when tied,
+    as in SmolLM2 and Qwen2-0.5B); the tokenizer's chat template and other tokens are untouched. A checkpoint whose
+    embedding already has spare rows (Qwen pads its vocabulary to a multiple of 64 or more) takes one of those for
+    `<image>`: that row was never trained, so it gets the mean too. A tokenizer that already has `<image>` with an
+    embedding large enough (a VLM checkpoint reloaded) changes nothing.
+    """
+    known = len(tokenizer)
     if IMAGE_MARK not in tokenizer.get_vocab():
         tokenizer.add_tokens([AddedToken(IMAGE_MARK, special=True, normalized=False)], special_tokens=True)
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
-        model.resize_token_embeddings(len(tokenizer))
+    rows = model.get_input_embeddings().num_embeddings
+    new_rows = set(range(known, len(tokenizer)))
+    if rows < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        new_rows |= set(range(rows, len(tokenizer)))
+    if not new_rows:
+        return []
+    originals = min(known, rows)
+    ids = torch.tensor(sorted(new_rows))
+    with torch.no_grad():
+        matrices = [model.get_input_embeddings().weight]
+        output = model.get_output_embeddings()
+        if output is not None and output.weight is not matrices[0]:
+            matrices.append(output.weight)
+            if getattr(output, "bias", None) is not None:
+                matrices.append(output.bias)
+        for weight in matrices:
+            weight[ids] = weight[:originals].float().mean(0).to(weight.dtype)
+    return ids.tolist()
 
 
 def causal_lm_config(config: dict[str, Any], **overrides: Any) -> PretrainedConfig:
