@@ -286,10 +286,11 @@ def activation_bytes(stage: StageConfig, parts: dict[str, nn.Module]) -> Activat
             other += tokens * e * max(widths[:1] or [0])
     lm_trains = "language_model" in trains
     if lm_trains or upstream:
-        per = (
-            lm_layer_bytes(cfg, e, lm_trains) * t + 2 * stage.seq_len * (cfg.hidden_size // cfg.num_attention_heads) * e
-        )
+        per = lm_layer_bytes(cfg, e, lm_trains) * t
         layered += cfg.num_hidden_layers * per
+        other += (
+            2 * stage.seq_len * (cfg.hidden_size // cfg.num_attention_heads) * e
+        )  # rotary cos / sin, shared by layers
         inputs += cfg.num_hidden_layers * e * cfg.hidden_size * t
         largest = max(largest, per)
         other += t * (

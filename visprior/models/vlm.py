@@ -88,6 +88,8 @@ class VisionLanguageModel(nn.Module):
         self.visual_words = visual_words
         self.tokenizer = tokenizer
         self.image_token_id: int = image_token_id(tokenizer)
+        self.vision_on_text_batches = False
+        """Run the vision path on a blank image for batches without images (set by the training stages)."""
         self.num_image_tokens: int = connector.num_tokens if connector is not None else 0
         self.image_transform: Callable[[Image.Image], torch.Tensor] | None = (
             vision_tower.image_transform if vision_tower is not None else None
@@ -108,6 +110,8 @@ class VisionLanguageModel(nn.Module):
         if pixel_values is None:
             if num_image_tokens:
                 raise ValueError(f"input_ids hold {num_image_tokens} image tokens but pixel_values is None")
+            if self.vision_on_text_batches and self.vision_tower is not None:
+                embeds = embeds + self._vision_keepalive(embeds)
             return embeds, None
         features = self.encode_images(pixel_values)  # [N, K, D]
         expected = features.shape[0] * features.shape[1]
@@ -122,6 +126,21 @@ class VisionLanguageModel(nn.Module):
             placed = pseudo_image_features(self.vm_head(features), table, self.visual_words.temperature)  # [N, K, D]
         embeds = embeds.masked_scatter(is_image.unsqueeze(-1), placed.to(embeds.dtype))  # row-major, in order
         return embeds, features
+
+    def _vision_keepalive(self, embeds: torch.Tensor) -> torch.Tensor:
+        """0 x the vision path run on one blank image, for a batch without images (a mixture's text rows).
+
+        Every process then runs the same modules in the same order each step, whatever its batch holds: DDP gets a (zero)
+        gradient for every trainable tower / connector / vm_head parameter, and FSDP2's per-block all-gathers and
+        reduce-scatters match across ranks (a rank that skips the tower mismatches them: a gloo size error or a hang,
+        DeepSpeed issue 7170; LLaMA-Factory feeds a dummy image too). Adding 0 changes no embedding.
+        """
+        size = self.vision_tower.image_size
+        features = self.encode_images(embeds.new_zeros(1, 3, size, size))  # [1, K, D]
+        total = features.float().sum()
+        if self.vm_head is not None:
+            total = total + self.vm_head(features).float().sum()
+        return (total * 0.0).to(embeds.dtype)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings `[B, T, D]` with image features written over the image-token positions, row-major."""

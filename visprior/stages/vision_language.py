@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import torch
-
 from visprior.models.connectors import ConnectorSpec
 from visprior.models.language import LanguageModelSpec
 from visprior.models.vision import VisionTowerSpec
@@ -47,6 +45,7 @@ class VLMStage(Stage):
         model = build_vlm(spec)
         super().__init__(model, **stage_args)
         self.loss_average = loss_average
+        model.vision_on_text_batches = True  # same modules on every rank every step (DDP, FSDP2); see the model
         self.tokenizer = model.tokenizer
         self.image_transform = model.image_transform
         self.num_image_tokens = model.num_image_tokens
@@ -63,7 +62,7 @@ class VLMStage(Stage):
         tokens, docs = batch_counts(batch)
         pixels = batch.get("pixel_values")
         images = 0 if pixels is None else int(pixels.shape[0])
-        loss = out.loss if pixels is not None else out.loss + self.unused_vision_term()
+        loss = out.loss  # a batch without images still ran the vision path (VisionLanguageModel.vision_on_text_batches)
         metrics = {}
         if self.model.visual_words is not None:  # both losses, so a recipe can see what each term does
             metrics["text_loss"] = out.text_loss.detach()
@@ -71,21 +70,6 @@ class VLMStage(Stage):
                 metrics["visual_words_loss"] = out.visual_words_loss.detach()
         supervised = int(out.num_supervised)
         return StepOutput(loss, tokens=tokens, supervised=supervised, samples=docs, images=images, metrics=metrics)
-
-    def unused_vision_term(self) -> torch.Tensor | float:
-        """0 times the trainable vision-side parameters, for a batch without images (text rows of a mixture).
-
-        Without it a text-only batch gives the tower/connector no gradient: autograd fails when they are all that trains,
-        and DDP waits forever for gradients another rank does produce.
-        """
-        params = [
-            p
-            for name in ("vision_tower", "connector", "vm_head")
-            if getattr(self.model, name, None) is not None
-            for p in getattr(self.model, name).parameters()
-            if p.requires_grad
-        ]
-        return 0.0 * sum(p.sum() for p in params) if params else 0.0
 
     def flops_per_token(self, batch: dict[str, Any]) -> float:
         """Vision tower per image + connector per image + LM per token (see `flops.py`), over the batch's tokens."""
