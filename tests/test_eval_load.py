@@ -81,5 +81,5 @@ def test_visprior_eval_command_writes_results(stage_ckpt, toyworld_dir, tmp_path
 def test_visprior_eval_refuses_an_unknown_task_before_loading(tmp_path):
     from visprior.cli import main
 
-    with pytest.raises(ValueError, match="unknown evaluation task"):
+    with pytest.raises(SystemExit, match="unknown evaluation task"):
         main(["eval", "--checkpoint", str(tmp_path / "nowhere.ckpt"), "--tasks", "mle_bench,vqq"])
