@@ -136,3 +136,20 @@ def test_resume_through_lightning_checkpoint_is_bit_identical(toyworld_dir, toke
     rest = run(toyworld_dir, tokenizer_dir, tmp_path / "b", 4, workers, resume=str(tmp_path / "b" / "last.ckpt"))
     assert len(full) == 4 and len(rest) == 2
     assert half + rest == full
+
+
+def test_a_stage_that_lacks_a_value_is_named_not_zeroed(toyworld_dir, tokenizer):
+    """The data module takes tokenizer, image transform and image-token count from the stage with no default."""
+
+    class NoImageCount(pl.LightningModule):
+        tokenizer = None
+        image_transform = None
+
+    dm = VisionLanguageDataModule([SourceSpec(str(toyworld_dir / "text/web"))], batch_size=2, seq_len=32)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, max_steps=1, enable_progress_bar=False)
+    stage = NoImageCount()
+    stage.tokenizer = tokenizer
+    trainer.strategy.connect(stage)
+    dm.trainer = trainer
+    with pytest.raises(TypeError, match="needs `num_image_tokens` from the stage, but NoImageCount"):
+        dm.setup("fit")
