@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ torch.set_num_threads(1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# the hardware probe's cache (precision: auto, peak_flops: auto) per test session, never the user's ~/.cache
+os.environ.setdefault("VISPRIOR_CACHE_DIR", tempfile.mkdtemp(prefix="visprior-cache-"))
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,11 @@ Every run gets, whatever fragments it composes (so no YAML can forget or duplica
 - `LearningRateMonitor` when there is a logger;
 - `AtomicCheckpointIO` (atomic writes, `weights_only=True` reads) unless a CheckpointIO plugin is given or the strategy
   writes sharded checkpoints itself (`ModelParallelStrategy`, i.e. FSDP2).
+`trainer.precision: auto` (the CPU trainer fragment's) is resolved here, before the Trainer is built, by what the
+machine computes fast (`visprior.hardware.resolve_precision`), and logged in one line. A resumed run keeps the precision
+its checkpoint recorded: with `auto` the checkpoint's is taken (and logged); an explicit other value is refused by the
+stage when the checkpoint loads (`Stage.check_resumable`), since a mid-run change of precision changes the trajectory.
+
 A `fit` with a logger must name its run (`trainer.logger.init_args.name`): two stages can never share a run folder, and
 with `ckpt_path: last` one stage can never resume from another's checkpoint (the stages refuse that too, see
 `Stage.on_load_checkpoint`).
@@ -15,13 +20,21 @@ with `ckpt_path: last` one stage can never resume from another's checkpoint (the
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from pathlib import Path
+from typing import Any, Literal
 
+import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+from lightning.fabric.utilities.load import _METADATA_FILENAME
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from visprior import hardware
 from visprior.training import (
     AtomicCheckpointIO,
     AtomicModelCheckpoint,
@@ -39,6 +52,25 @@ class RunConfigError(ValueError):
 
 class StageCLI(LightningCLI):
     """LightningCLI for visprior stages; see the module docstring for what it adds to every run."""
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """As LightningCLI's, with `trainer.precision` also taking `auto` (Lightning itself does not)."""
+        parser.add_class_arguments(
+            self.trainer_class, "trainer", fail_untyped=False, instantiate=False, sub_configs=True, skip={"precision"}
+        )
+        parser.add_argument(
+            "--trainer.precision",
+            type=_PRECISION_INPUT | Literal["auto"] | None,
+            default=None,
+            help="Lightning's precision, or auto: bf16-mixed where this machine runs bf16 fast, else 32-true "
+            "(visprior.hardware)",
+        )
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        required = self.datamodule_class is not None
+        parser.add_lightning_class_args(
+            self._datamodule_class, "data", subclass_mode=self.subclass_mode_data, required=required
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_class_arguments(AtomicModelCheckpoint, "checkpoint", instantiate=False, fail_untyped=False)
@@ -78,7 +110,57 @@ class StageCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         config["plugins"] = plugins or None
         extra = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
-        return self._instantiate_trainer(config, [*self.run_callbacks(config), *extra])
+
+        def build(precision: Any) -> Trainer:
+            callbacks = config.get("callbacks")  # copied: _instantiate_trainer extends the list it is given
+            own = {"precision": precision, "callbacks": list(callbacks) if isinstance(callbacks, list) else callbacks}
+            return self._instantiate_trainer({**config, **own}, [*self.run_callbacks(config), *extra])
+
+        if config.get("precision") != hardware.AUTO:
+            return build(config.get("precision"))
+        choice = hardware.resolve_precision(config.get("accelerator", "auto"), config.get("strategy"))
+        trainer = build(choice.precision)
+        ckpt = resume_checkpoint(trainer, self._get(self.config, "ckpt_path")) if self.subcommand == "fit" else None
+        recorded = recorded_precision(ckpt) if ckpt is not None else None
+        if recorded is not None and recorded != trainer.precision:
+            choice = hardware.PrecisionChoice(recorded, f"kept from {ckpt}, which it was trained in")
+            trainer = build(recorded)
+        rank_zero_info(f"precision: auto -> {choice.precision} ({choice.reason})")
+        return trainer
+
+
+def resume_checkpoint(trainer: Trainer, ckpt_path: str | None) -> Path | None:
+    """The checkpoint `trainer.fit(ckpt_path=...)` will resume, found as Lightning finds it (`last`: the newest `last*.ckpt`
+    in the checkpoint callbacks' folders); None when it starts fresh."""
+    if ckpt_path in (None, "best", "hpc", "registry") or str(ckpt_path).startswith("registry:"):
+        return None
+    if ckpt_path != "last":
+        return Path(ckpt_path) if Path(ckpt_path).exists() else None
+    found: set[str] = set()
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            found |= callback._find_last_checkpoints(trainer)  # what Lightning's own "last" resolution calls
+    existing = [Path(p) for p in found if Path(p).exists()]
+    return max(existing, key=lambda p: p.stat().st_mtime) if existing else None
+
+
+def recorded_precision(ckpt: Path) -> str | None:
+    """The precision a visprior checkpoint was trained in (`checkpoint["visprior"]["precision"]`), None if not recorded.
+
+    A sharded FSDP2 checkpoint (a folder) keeps it in the folder's `meta.pt`; a file is read memory-mapped, so no
+    weights are loaded to find it.
+    """
+    path = ckpt / _METADATA_FILENAME if ckpt.is_dir() else ckpt
+    if not path.is_file():
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=not ckpt.is_dir())
+    except Exception:  # an unreadable checkpoint gets its own error from the resume itself, naming the file
+        return None
+    value = checkpoint.get("visprior", {}).get("precision") if isinstance(checkpoint, dict) else None
+    return hardware.normalize_precision(value) if value is not None else None
 
 
 def check_run_name(logger: Any) -> None:

@@ -380,6 +380,8 @@ class Stage(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visprior"] = {"supervised_tokens": self._supervised_total, **self.identity()}
+        if self._trainer is not None:  # a resume keeps it (visprior.stage_cli)
+            checkpoint["visprior"]["precision"] = self.trainer.precision
 
     def check_resumable(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume from a checkpoint another stage or model config wrote, naming both (before any step)."""
@@ -394,6 +396,25 @@ class Stage(pl.LightningModule):
                 f"(model config {saved.get('model')}), but this run is {now['stage'].rsplit('.', 1)[-1]} (model config "
                 f"{now['model']}): it is another stage's or another model's checkpoint. Give this run its own "
                 f"trainer.logger.init_args.name, or take weights only with init_from"
+            )
+        self.check_precision(saved.get("precision"))
+
+    def check_precision(self, saved: str | None) -> None:
+        """Refuse to resume in another precision than the checkpoint's: it would silently change the run's trajectory.
+
+        `precision: auto` never gets here with another value (the CLI keeps the checkpoint's); an explicit one does.
+        """
+        if saved is None or self._trainer is None:
+            return
+        from visprior.hardware import normalize_precision
+
+        now = normalize_precision(self.trainer.precision)
+        if normalize_precision(saved) != now:
+            where = getattr(self._trainer, "ckpt_path", None) or "the checkpoint"
+            raise ResumeMismatch(
+                f"ckpt_path: {where} was trained in precision {saved}, but this run sets trainer.precision {now}: "
+                f"resume with --trainer.precision {saved} (or auto, which keeps it), or start a new run from its "
+                f"weights with init_from"
             )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
