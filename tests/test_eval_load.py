@@ -78,8 +78,9 @@ def test_visprior_eval_command_writes_results(stage_ckpt, toyworld_dir, tmp_path
     assert "MLE-Bench" in capsys.readouterr().out
 
 
-def test_visprior_eval_refuses_an_unknown_task_before_loading(tmp_path):
+def test_visprior_eval_refuses_an_unknown_task_before_loading(tmp_path, capsys):
     from visprior.cli import main
 
-    with pytest.raises(SystemExit, match="unknown evaluation task"):
+    with pytest.raises(SystemExit):
         main(["eval", "--checkpoint", str(tmp_path / "nowhere.ckpt"), "--tasks", "mle_bench,vqq"])
+    assert "unknown evaluation task(s) ['vqq']" in capsys.readouterr().err  # one line, before any loading
