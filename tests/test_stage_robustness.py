@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from visprior.training.data_health import by_reason
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "stage_fit.py"
 N = 8
@@ -193,42 +195,91 @@ def member(path: Path, suffix: str, index: int = 0) -> str:
         return [m.name for m in tf.getmembers() if m.name.endswith(suffix)][index]
 
 
+def first_read_shards(dataset: Path, count: int, readers: int) -> list[Path]:
+    """The shards that each of `readers` readers of pass 0 reads first, `count` per reader, in reading order."""
+    from visprior.data.stream import ShardStream, Split
+
+    stream = ShardStream(dataset, seed=0)
+    firsts = [stream.plan(0, Split(r, readers))[0][:count] for r in range(readers)]
+    return [Path(stream.shards[i]) for first in firsts for i in first]
+
+
 def bad_datasets(toyworld: Path, out: Path) -> tuple[Path, Path]:
-    """A conversation set (bad PNG, bad JSON, extra <image> mark, too long, truncated shard) and a pair set (empty text)."""
-    from visprior.data.formats import ConversationSample
-    from visprior.data.shards import iter_samples, read_manifest, resolve_shards, write_shards
+    """A conversation set (bad PNG, bad JSON, extra <image> mark, too long, truncated shard) and a pair set (empty text),
+    one of each fault, all in the shards read first in pass 0 whether one reader or two read the set.
 
-    convs = list(iter_samples(resolve_shards(toyworld / "sft"), "conversation"))[:36]
-    long = convs[0]
-    convs[0] = ConversationSample(
-        long.key, [long.conversations[0], {"from": "gpt", "value": "red circle " * 400}], long.images
-    )
-    write_shards(convs, out / "convs", name="convs", kind="conversation", maxcount=12)
-    shards = [out / "convs" / s["path"] for s in read_manifest(out / "convs")["shards"]]
-    bad_png = member(shards[1], ".png", 0)  # three different samples
-    json_members = [member(shards[1], ".json", 1), member(shards[2], ".json", 0)]
+    4 conversation shards of 32: the faults sit in the two read first by one reader, which are also the first of each of
+    two readers; 8 pair shards of 6, the empty caption in the first one read. A run that reads those shards and stays in
+    pass 0 meets every fault once with 0 or 2 loader workers, so the totals are exact (`EXPECTED_SKIPS`), and the test
+    checks the run's data position proves it stayed in that window.
+    """
+    from visprior.data.shards import iter_samples, resolve_shards, write_shards
 
-    def edit(name: str, data: bytes) -> bytes:
-        if name == bad_png:
-            return b"\x89PNG not really"
-        if name == json_members[0]:
-            return b'{"conversations": [oops'
-        if name == json_members[1]:
-            meta = json.loads(data)
-            meta["conversations"][0]["value"] = "<image>\n" + meta["conversations"][0]["value"]
-            return json.dumps(meta).encode()
-        return data
+    convs = list(iter_samples(resolve_shards(toyworld / "sft"), "conversation"))[:128]
+    assert len(convs) == 128, "the smoke toy world has 128 conversations"
+    write_shards(convs, out / "convs", name="convs", kind="conversation", maxcount=32)
+    first, second = first_read_shards(out / "convs", 1, 2)
+    assert first_read_shards(out / "convs", 2, 1) == [first, second]
+    faults = {  # member -> new bytes (a function of the old)
+        member(first, ".json", 0): lambda data: too_long(data),
+        member(first, ".json", 1): lambda data: extra_image_mark(data),
+        member(second, ".png", 0): lambda data: b"\x89PNG not really",
+        member(second, ".json", 2): lambda data: b'{"conversations": [oops',
+    }
+    for shard in (first, second):
+        rewrite_tar(shard, lambda name, data: faults[name](data) if name in faults else data)
+    # truncate the first shard in its last quarter: the samples after the damage are lost, one corrupt_tar per read
+    size = first.stat().st_size
+    first.write_bytes(first.read_bytes()[: size * 3 // 4])
 
-    for shard in shards[1:]:
-        rewrite_tar(shard, edit)
-    # truncate the first shard in the middle of its last quarter: the samples after the damage are lost
-    size = shards[0].stat().st_size
-    shards[0].write_bytes(shards[0].read_bytes()[: size * 3 // 4])
-
-    pairs = list(iter_samples(resolve_shards(toyworld / "pairs"), "pair"))[:24]
-    pairs[5].text = ""
-    write_shards(pairs, out / "pairs", name="pairs", kind="pair", maxcount=12)
+    pairs = list(iter_samples(resolve_shards(toyworld / "pairs"), "pair"))[:48]
+    write_shards(pairs, out / "pairs", name="pairs", kind="pair", maxcount=6)
+    (empty,) = first_read_shards(out / "pairs", 1, 1)
+    assert first_read_shards(out / "pairs", 1, 2)[0] == empty  # reader 0 of two reads it first too
+    rewrite_tar(empty, lambda name, data: b"" if name == member(empty, ".txt", 0) else data)
     return out / "convs", out / "pairs"
+
+
+def too_long(data: bytes) -> bytes:
+    meta = json.loads(data)
+    meta["conversations"][1]["value"] = "red circle " * 400  # far beyond seq_len 256
+    return json.dumps(meta).encode()
+
+
+def extra_image_mark(data: bytes) -> bytes:
+    meta = json.loads(data)
+    meta["conversations"][0]["value"] = "<image>\n" + meta["conversations"][0]["value"]
+    return json.dumps(meta).encode()
+
+
+def stream_positions(ckpt: Path) -> dict[tuple[int, int, str], tuple[int, int]]:
+    """(split index, split count, source) -> (pass, shard index in the pass) of every reader, from a checkpoint's loader
+    state (the position of the last trained batch: `ExactLoaderResume`)."""
+    import torch
+
+    found: dict[tuple[int, int, str], tuple[int, int]] = {}
+
+    def visit(node: object) -> None:
+        if isinstance(node, dict):
+            if "sources" in node and isinstance(node["sources"], dict) and node.get("split"):
+                for name, pos in node["sources"].items():
+                    found[(*node["split"], name)] = (pos["pass"], pos["shard"])
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list | tuple):
+            for value in node:
+                visit(value)
+
+    visit(torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"])
+    return found
+
+
+EXPECTED_SKIPS = {
+    "convs": {"bad_image": 1, "bad_json": 1, "corrupt_tar": 1, "image_count_mismatch": 1, "too_long": 1},
+    "pairs": {"empty_text": 1},
+}
+"""One of each fault planted, each read once (see `bad_datasets`): double counting per worker, or at tokenizing and
+again at packing, shows as a 2."""
 
 
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
@@ -247,13 +298,17 @@ def test_bad_data_is_skipped_counted_logged_and_threshold_stops(toyworld_dir, to
         ),
     )
     run_dir = root / "runs/sft/run"
+    positions = stream_positions(run_dir / "checkpoints/last.ckpt")
+    readers = max(workers, 1)
+    assert len(positions) == 2 * readers, positions
+    # every reader is still in pass 0 and past the shards holding its faults: each fault was read exactly once
+    past = {"convs": [2 // readers] * readers, "pairs": [1] + [0] * (readers - 1)}  # shards to be past, per reader
+    for (index, count, source), (pass_index, shard) in positions.items():
+        assert count == readers and pass_index == 0 and shard >= past[source][index], positions
     saved = json.loads((run_dir / "data_skips.json").read_text())
-    expected = {"bad_image", "bad_json", "image_count_mismatch", "too_long", "corrupt_tar", "empty_text"}
-    assert set(saved["by_reason"]) == expected, saved
     assert saved["when"] == "train_end" and saved["step"] == 12
-    assert set(saved["by_source"]) == {"convs", "pairs"}
-    assert saved["by_source"]["pairs"] == {"empty_text": saved["by_reason"]["empty_text"]}
-    assert all(n >= 1 for n in saved["by_reason"].values())
+    assert saved["by_source"] == EXPECTED_SKIPS, saved
+    expected = set(by_reason(EXPECTED_SKIPS))
     tb = scalars(run_dir)
     for reason, count in saved["by_reason"].items():
         assert tb[f"data/skips/{reason}"][-1][1] == count, reason
