@@ -327,7 +327,7 @@ def take_llm_layer(spec: FrozenBlockSpec) -> LLMLayer:
         )
     if spec.language_model is not None and spec.language_model.config is not None:  # random init (tests, controls)
         lm = load_causal_lm(spec.language_model)
-        return _layer_of(lm, spec, None, "config")
+        return _layer_of(lm, spec, None)
     state: dict[str, torch.Tensor] | None = None
     if spec.checkpoint is not None:
         lm_spec, state = _checkpoint_language_model(Path(spec.checkpoint))
@@ -353,10 +353,11 @@ def take_llm_layer(spec: FrozenBlockSpec) -> LLMLayer:
             raise KeyError(f"frozen_block: no tensors under {prefix!r} in {where}")
         return _materialise(module, tensors, where, dtype)
 
-    return _layer_of(skeleton, spec, load, where)
+    return _layer_of(skeleton, spec, load)
 
 
-def _layer_of(lm: PreTrainedModel, spec: FrozenBlockSpec, load: Callable[[nn.Module], nn.Module] | None, where: str):
+def _layer_of(lm: PreTrainedModel, spec: FrozenBlockSpec, load: Callable[[nn.Module], nn.Module] | None) -> LLMLayer:
+    """The layer (loaded by `load`, or copied from a materialised `lm`), its rotary embedding and the final norm."""
     decoder = lm.get_decoder()
     index = _resolve_layer(spec.layer, len(decoder.layers))
     layer = decoder.layers[index]
