@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
 from visprior.data.augment import AugmentSpec, TrainAugment
-from visprior.data.datamodule import EpochWindowLoader, FingerprintedData, required_from
+from visprior.data.datamodule import EpochWindowLoader, FingerprintedData, required_from, worker_skip_rate
 from visprior.data.formats import IMAGE_EXTENSIONS, SampleError, SampleKind, decode_image
 from visprior.data.shards import SkipCounter, iter_samples, iter_shard_members, read_manifest, resolve_shards
 from visprior.data.stream import DataQualityError, ShardStream, Split, TrainStream, _permutation, current_split
@@ -426,7 +426,7 @@ class ImageClassificationDataModule(FingerprintedData, pl.LightningDataModule):
             self.batch_size,
             collate=collate_labelled,
             seed=self.seed,
-            max_skip_rate=self.max_skip_rate,
+            max_skip_rate=worker_skip_rate(self),
             rank=self.rank,
             world_size=self.world_size,
         )

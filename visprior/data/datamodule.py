@@ -102,6 +102,17 @@ def required_from(module: Any, name: str, datamodule: Any) -> Any:
         ) from None
 
 
+def worker_skip_rate(datamodule: Any) -> float | None:
+    """The skip-rate threshold a loader worker applies itself: none when the run has a `DataHealthCallback` (which decides
+    on every worker's and rank's counts together, on every rank at the same step), else the data module's own."""
+    from visprior.training.data_health import DataHealthCallback
+
+    trainer = getattr(datamodule, "_trainer", None) or getattr(datamodule, "trainer", None)
+    if trainer is not None and any(isinstance(cb, DataHealthCallback) for cb in trainer.callbacks):
+        return None
+    return datamodule.max_skip_rate
+
+
 class FingerprintedData:
     """Data-module checkpoint state: a fingerprint of the data config, refused on resume if it changed."""
 
@@ -136,6 +147,7 @@ class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
         block_size: int = 64,
         pack_buffer: int = 64,
         max_skip_rate: float = 0.01,
+        min_samples_for_skip_rate: int = 200,
     ):
         """
         Args:
@@ -151,7 +163,10 @@ class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
             val_batches: validation batches per rank.
             block_size: in-shard shuffle block (samples).
             pack_buffer: samples the packer chooses from when filling a row.
-            max_skip_rate: a source skipping more than this share of its samples stops the run (a broken dataset).
+            max_skip_rate: a source skipping more than this share of its samples stops the run (a broken dataset),
+                counted over every loader worker of every rank (`DataHealthCallback`); a badly broken source stops
+                before `min_samples_for_skip_rate` once its rate is clearly above it (see `data_health.should_stop`).
+            min_samples_for_skip_rate: samples of a source (all workers, all ranks) before the plain rate applies.
         """
         super().__init__()
         if not sources:
@@ -168,6 +183,7 @@ class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
         self.block_size = block_size
         self.pack_buffer = pack_buffer
         self.max_skip_rate = max_skip_rate
+        self.min_samples_for_skip_rate = min_samples_for_skip_rate
         self.tokenizer: Any = None
         self.image_transform: Any = None
         self.num_image_tokens = 0
@@ -216,7 +232,8 @@ class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
             weights={name: spec.weight for name, spec in zip(names, sources)},
             pad_id=self.pad_id,
             seed=seed,
-            max_skip_rate=self.max_skip_rate,
+            max_skip_rate=worker_skip_rate(self),
+            min_samples_for_skip_rate=self.min_samples_for_skip_rate,
             rank=self.rank,
             world_size=self.world_size,
         )

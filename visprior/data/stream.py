@@ -232,6 +232,20 @@ def _permutation(n: int, *seed: int) -> list[int]:
     return order
 
 
+def _snapshot(counter: SkipCounter | None) -> dict[str, Any]:
+    """What a worker has already reported of a source's counter."""
+    if counter is None:
+        return {"seen": 0, "by_reason": {}, "by_shard": {}, "examples": []}
+    return {"seen": counter.seen, "by_reason": dict(counter.by_reason), "by_shard": dict(counter.by_shard),
+            "examples": sorted(counter.examples)}  # fmt: skip
+
+
+def _snapshot_from_state(state: dict[str, Any]) -> dict[str, Any]:
+    if "by_reason" not in state:  # checkpoints before `reads`: only the reason counts were recorded
+        return {**_snapshot(None), "by_reason": dict(state)}
+    return {**_snapshot(None), **state}
+
+
 def _is_dataset(spec: Any) -> bool:
     return not isinstance(spec, (list, tuple)) and (Path(spec).is_dir() or str(spec).endswith("manifest.json"))
 
@@ -270,8 +284,10 @@ def _default_collate(pad_id: int) -> Callable[[list[Any]], dict[str, Any]]:
 class TrainStream(IterableDataset):
     """Batches from several weighted sources: mixture -> transform -> row builder -> collate, resumable per worker.
 
-    Each batch dict also holds `skips: {source: {reason: count}}`, the skips since this worker's previous batch.
-    A source whose skip rate exceeds `max_skip_rate` after `min_samples_for_skip_rate` samples raises `DataQualityError`.
+    Each batch dict also holds `skips: {source: {reason: count}}` and `reads: {source: {seen, shards, examples}}`, what this
+    worker read and skipped since its previous batch. With `max_skip_rate` set, a source whose skip rate in this reader
+    exceeds it after `min_samples_for_skip_rate` samples raises `DataQualityError`; the data modules switch that off when
+    the run has a `DataHealthCallback`, which decides on the counts of every worker of every rank at once.
     """
 
     def __init__(
@@ -285,7 +301,7 @@ class TrainStream(IterableDataset):
         collate: Callable[[list[Any]], dict[str, Any]] | None = None,
         pad_id: int = 0,
         seed: int = 0,
-        max_skip_rate: float = 0.01,
+        max_skip_rate: float | None = 0.01,
         min_samples_for_skip_rate: int = 200,
         rank: int | None = None,
         world_size: int | None = None,
@@ -310,7 +326,7 @@ class TrainStream(IterableDataset):
         self._mixture_state: dict[str, Any] | None = None
         self._split: Split | None = None
         self._pending: list[Any] = []
-        self._reported: dict[str, dict[str, int]] = {name: {} for name in self.sources}
+        self._reported: dict[str, dict[str, Any]] = {name: _snapshot(None) for name in self.sources}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         split = current_split(self.rank, self.world_size)
@@ -335,7 +351,7 @@ class TrainStream(IterableDataset):
                 self._add(name, sample)
             rows, self._pending = self._pending[: self.batch_size], self._pending[self.batch_size :]
             batch = self.collate(rows)
-            batch["skips"] = self._skip_delta()
+            batch["skips"], batch["reads"] = self._skip_delta()
             yield batch
 
     def _add(self, name: str, sample: Sample) -> None:
@@ -352,6 +368,8 @@ class TrainStream(IterableDataset):
     def check_quality(self, name: str) -> None:
         """Raise `DataQualityError` when source `name` skips more than `max_skip_rate` of enough samples."""
         c = self.sources[name].counter
+        if self.max_skip_rate is None:  # the run checks all workers and ranks together (DataHealthCallback)
+            return
         if c.seen < self.min_samples_for_skip_rate or c.skipped <= self.max_skip_rate * c.seen:
             return
         shard, shard_skips = c.by_shard.most_common(1)[0]
@@ -362,15 +380,31 @@ class TrainStream(IterableDataset):
             f"({reason_count}), e.g. {c.examples.get(reason, '?')}"
         )
 
-    def _skip_delta(self) -> dict[str, dict[str, int]]:
-        out: dict[str, dict[str, int]] = {}
+    def _skip_delta(self) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, Any]]]:
+        """Since this worker's previous batch: `skips {source: {reason: n}}` and `reads {source: {seen, shards, examples}}`
+        (samples read, skips per shard, an example of each newly seen reason), so the main process of every rank can
+        add up every worker's counts (`DataHealthCallback`)."""
+        skips: dict[str, dict[str, int]] = {}
+        reads: dict[str, dict[str, Any]] = {}
         for name, stream in self.sources.items():
-            now, before = dict(stream.counter.by_reason), self._reported[name]
-            delta = {r: n - before.get(r, 0) for r, n in now.items() if n != before.get(r, 0)}
-            if delta:
-                out[name] = delta
-            self._reported[name] = now
-        return out
+            c, before = stream.counter, self._reported[name]
+            reasons = {
+                r: n - before["by_reason"].get(r, 0)
+                for r, n in c.by_reason.items()
+                if n != before["by_reason"].get(r, 0)
+            }
+            shards = {
+                sh: n - before["by_shard"].get(sh, 0)
+                for sh, n in c.by_shard.items()
+                if n != before["by_shard"].get(sh, 0)
+            }
+            examples = {r: e for r, e in c.examples.items() if r not in before["examples"]}
+            if reasons:
+                skips[name] = reasons
+            if c.seen != before["seen"] or shards or examples:
+                reads[name] = {"seen": c.seen - before["seen"], "shards": shards, "examples": examples}
+            self._reported[name] = _snapshot(c)
+        return skips, reads
 
     def skip_counters(self) -> dict[str, SkipCounter]:
         """This reader's cumulative skip counters per source."""
@@ -389,7 +423,7 @@ class TrainStream(IterableDataset):
             "mixture": self._mixture.state_dict() if self._mixture is not None else self._mixture_state,
             "row_builder": self.row_builder.state_dict(),
             "pending": [_row_to_state(r) for r in self._pending],
-            "reported": {name: dict(r) for name, r in self._reported.items()},
+            "reported": copy.deepcopy(self._reported),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -402,4 +436,4 @@ class TrainStream(IterableDataset):
         state = copy.deepcopy(state)
         self.row_builder.load_state_dict(state["row_builder"])
         self._pending = [_row_from_state(r) for r in state["pending"]]
-        self._reported = {name: dict(state["reported"].get(name, {})) for name in self.sources}
+        self._reported = {name: _snapshot_from_state(state["reported"].get(name, {})) for name in self.sources}
