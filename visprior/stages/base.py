@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from visprior.stages.init_from import InitFrom, apply_init_from, as_init_list
-from visprior.training.nonfinite import skip_nonfinite
+from visprior.training.nonfinite import skip_nonfinite, step_skipped
 
 
 @dataclass
@@ -332,6 +332,13 @@ class Stage(pl.LightningModule):
             optimizer, lambda s: schedule_factor(s, self.warmup_steps, decay_steps, self.min_lr_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """A step the non-finite guard skipped trained nothing, so the schedule stays where it is too: the learning rate
+        follows the steps that updated the weights (`global_step` still counts every batch)."""
+        if step_skipped(self._trainer):
+            return
+        super().lr_scheduler_step(scheduler, metric)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm with torch directly, so it works under FSDP2 (DTensor parameters) as well."""

@@ -6,12 +6,13 @@ broken and must stop loudly instead of burning compute. Two checks, one counter:
 * loss: the stage's ``training_step`` returns ``skip_nonfinite(self, loss, batch)``. The decision is all-reduced, so
   every rank skips the same steps. In one process it returns ``None``: Lightning's automatic optimization skips backward,
   every gradient stays ``None`` and the optimizer moves no parameter (Lightning still calls ``optimizer.step``, so
-  ``global_step`` and a per-step scheduler advance: a skipped step is a no-op step). Under DDP/FSDP Lightning refuses
+  ``global_step`` advances: a skipped step is a no-op step; the stages' ``lr_scheduler_step`` asks ``step_skipped`` and
+  leaves the schedule where it is). Under DDP/FSDP Lightning refuses
   ``None`` ("Skipping the `training_step` by returning None in distributed training is not supported") and the
   gradient all-reduce needs every rank's backward, so there the loss is returned, backward runs on every rank, and the
   guard drops every gradient in ``on_before_optimizer_step``: the same no-op step.
 * gradient norm: ``on_before_optimizer_step`` sets every gradient to ``None`` when the total norm is not finite, so the
-  optimizer leaves every parameter and its moments untouched (the scheduler and ``global_step`` still advance).
+  optimizer leaves every parameter and its moments untouched (``global_step`` advances, the stages' schedule does not).
 
 ``max_consecutive`` skips in a row raise ``FloatingPointError`` naming the step, the batch's sample keys and the last good
 checkpoint. The total is logged as ``train/skipped_nonfinite`` and kept in the callback's checkpoint state.
@@ -119,6 +120,12 @@ def find_guard(trainer: pl.Trainer | None) -> NonFiniteGuard | None:
     return next((cb for cb in trainer.callbacks if isinstance(cb, NonFiniteGuard)), None)
 
 
+def step_skipped(trainer: pl.Trainer | None) -> bool:
+    """Whether the guard is skipping the step in progress (the stages then leave the learning-rate schedule where it is)."""
+    guard = find_guard(trainer)
+    return guard is not None and guard.skipped_this_step
+
+
 def skip_nonfinite(module: pl.LightningModule, loss: torch.Tensor, batch: Any) -> torch.Tensor | None:
     """Return ``loss``, or ``None`` (skip this step) when it is not finite on any rank.
 
@@ -143,4 +150,4 @@ def skip_nonfinite(module: pl.LightningModule, loss: torch.Tensor, batch: Any) -
     return loss if trainer.world_size > 1 else None
 
 
-__all__ = ["NonFiniteGuard", "find_guard", "skip_nonfinite"]
+__all__ = ["NonFiniteGuard", "find_guard", "skip_nonfinite", "step_skipped"]
