@@ -128,3 +128,20 @@ def test_fsdp2_bf16_parameter_policy_runs(reference, tokenizer_dir, tmp_path):
     assert out["param_dtypes"] == ["torch.float32"]  # sharded master weights (and AdamW state) stay fp32
     assert out["losses"] == pytest.approx(ref["losses"][:4], abs=5e-3)  # bf16 rounding, same trajectory
     assert out["losses"] != ref["losses"][:4]
+
+
+def test_plan_memory_matches_the_fsdp2_shards_each_rank_holds(reference):
+    """`visprior plan`'s weights and AdamW state per GPU against what each of the 2 ranks really holds after training."""
+    from visprior.plan import Hardware, StageConfig, memory_per_gpu, meta_components
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import dist_scale
+
+    ref, _ = reference
+    stage = StageConfig("x", "X", {"config": {**dist_scale.LM, "vocab_size": ref["vocab_size"]}},
+                        {"config": dist_scale.TOWER, "feature_layer": -2}, {"name": "mlp2x_gelu"},
+                        dict.fromkeys(["vision_tower", "connector", "language_model"], 1.0), param_dtype="float32")  # fmt: skip
+    mem = memory_per_gpu(stage, meta_components(stage), Hardware(gpus=2))
+    for rank in ref["ranks"]:  # FSDP2 pads each shard to equal sizes: within 2 %
+        assert rank["param_bytes"] == pytest.approx(mem.weights, rel=0.02)
+        assert rank["optimizer_bytes"] == pytest.approx(mem.optimizer, rel=0.02)

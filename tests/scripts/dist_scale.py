@@ -205,7 +205,17 @@ def main() -> None:
     checksum = float(sum(v.double().sum() for v in weights.values()))
     rank, world = rank_world()
     gathered = [None] * world
-    payload = {"rank": rank, "rank_losses": record.rank_losses, "checksum": checksum}
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in stage.model.parameters()]
+    state = [
+        v for st in trainer.optimizers[0].state.values() for k, v in st.items() if k != "step" and torch.is_tensor(v)
+    ]
+    payload = {
+        "rank": rank,
+        "rank_losses": record.rank_losses,
+        "checksum": checksum,
+        "param_bytes": sum(t.numel() * t.element_size() for t in local),  # this rank's shard (FSDP2) or all (DDP)
+        "optimizer_bytes": sum((v.to_local() if hasattr(v, "to_local") else v).nbytes for v in state),
+    }
     if dist.is_initialized():
         dist.all_gather_object(gathered, payload)
     else:
@@ -214,6 +224,7 @@ def main() -> None:
         blocks = transformer_blocks(stage.model.language_model) + transformer_blocks(stage.model.vision_tower)
         result = {
             "world_size": world,
+            "vocab_size": vocab,
             "global_step": trainer.global_step,
             "losses": record.global_losses,
             "ranks": gathered,
