@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from visprior.training.data_health import by_reason
+from visprior.training.data_health import by_reason, merge_skips
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "tests" / "scripts" / "stage_fit.py"
@@ -252,25 +252,26 @@ def extra_image_mark(data: bytes) -> bytes:
     return json.dumps(meta).encode()
 
 
-def stream_positions(ckpt: Path) -> dict[tuple[int, int, str], tuple[int, int]]:
-    """(split index, split count, source) -> (pass, shard index in the pass) of every reader, from a checkpoint's loader
-    state (the position of the last trained batch: `ExactLoaderResume`)."""
+def stream_positions(ckpt: Path) -> dict[tuple[int, int, str], tuple[int, int, int]]:
+    """(split index, split count, source) -> (pass, shard index in the pass, offset in the shard) of every reader of
+    every rank, from a checkpoint's loader state (the position of the last trained batch: `ExactLoaderResume`)."""
     import torch
 
-    found: dict[tuple[int, int, str], tuple[int, int]] = {}
+    found: dict[tuple[int, int, str], tuple[int, int, int]] = {}
 
     def visit(node: object) -> None:
         if isinstance(node, dict):
             if "sources" in node and isinstance(node["sources"], dict) and node.get("split"):
                 for name, pos in node["sources"].items():
-                    found[(*node["split"], name)] = (pos["pass"], pos["shard"])
+                    found[(*node["split"], name)] = (pos["pass"], pos["shard"], pos["offset"])
             for value in node.values():
                 visit(value)
         elif isinstance(node, list | tuple):
             for value in node:
                 visit(value)
 
-    visit(torch.load(ckpt, weights_only=True)["loops"]["fit_loop"]["state_dict"]["combined_loader"])
+    ckpt = torch.load(ckpt, weights_only=True)
+    visit(ckpt.get("loader_state_per_rank") or ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"])
     return found
 
 
@@ -303,7 +304,7 @@ def test_bad_data_is_skipped_counted_logged_and_threshold_stops(toyworld_dir, to
     assert len(positions) == 2 * readers, positions
     # every reader is still in pass 0 and past the shards holding its faults: each fault was read exactly once
     past = {"convs": [2 // readers] * readers, "pairs": [1] + [0] * (readers - 1)}  # shards to be past, per reader
-    for (index, count, source), (pass_index, shard) in positions.items():
+    for (index, count, source), (pass_index, shard, _) in positions.items():
         assert count == readers and pass_index == 0 and shard >= past[source][index], positions
     saved = json.loads((run_dir / "data_skips.json").read_text())
     assert saved["when"] == "train_end" and saved["step"] == 12
@@ -339,35 +340,88 @@ def test_bad_data_is_skipped_counted_logged_and_threshold_stops(toyworld_dir, to
 # ------------------------------------------------------------------------------------------- 3. DDP, unequal shards
 
 
+def break_first_image(shard: Path) -> None:
+    """The shard's first sample (in file order) gets an image that does not decode."""
+    first = member(shard, ".png", 0)
+    rewrite_tar(shard, lambda name, data: b"\x89PNG broken" if name == first else data)
+
+
+def three_shards(toyworld: Path, out: Path) -> Path:
+    """80 pairs in 3 shards of 32 / 32 / 16 (rank 0 of 2 reads two shards, rank 1 one), the first sample of each broken."""
+    from visprior.data.shards import iter_samples, read_manifest, resolve_shards, write_shards
+
+    pairs = list(iter_samples(resolve_shards(toyworld / "pairs"), "pair"))[:80]
+    manifest = write_shards(pairs, out, name="pairs3", kind="pair", maxcount=32)
+    assert [s["num_samples"] for s in manifest["shards"]] == [32, 32, 16]
+    for shard in read_manifest(out)["shards"]:
+        break_first_image(out / shard["path"])
+    return out
+
+
+DDP_ALIGN = (
+    "--trainer.devices=2",
+    "--trainer.strategy=ddp",
+    "--data.init_args.packing=false",  # one sample per row, in stream order
+    "--data.init_args.block_size=1",  # shards read in file order: each shard's broken first sample is read on entry
+)
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_ddp_two_processes_three_shards_same_steps(toyworld_dir, tokenizer_dir, tmp_path, workers):
-    """3 shards on 2 ranks: by shard with 0 workers (2 vs 1 shards), by sample index with 2 (4 readers > 3 shards)."""
-    from visprior.data.shards import iter_samples, resolve_shards, write_shards
-
-    pairs = list(iter_samples(resolve_shards(toyworld_dir / "pairs"), "pair"))[:70]
-    manifest = write_shards(pairs, tmp_path / "pairs3", name="pairs3", kind="pair", maxcount=32)
-    assert [s["num_samples"] for s in manifest["shards"]] == [32, 32, 6]  # rank 0 reads 2 shards, rank 1 one
+    """3 unequal shards on 2 ranks: by shard with 0 workers (2 vs 1 shards), by sample index with 2 (4 readers > 3
+    shards). The run stays in the first pass, so no sample may be trained twice, on one rank or on both; every rank's
+    skips (in its batches) add up to data_skips.json, and with 0 workers each rank met exactly one broken sample."""
+    pairs3 = three_shards(toyworld_dir, tmp_path / "pairs3")
     root = workdir(tmp_path / "ddp", toyworld_dir, steps=6)
-    run(
-        root,
-        command(
-            "align",
-            f"--data.init_args.sources=[{{path: {tmp_path / 'pairs3'}}}]",
-            "--trainer.devices=2",
-            "--trainer.strategy=ddp",
-            f"--data.init_args.num_workers={workers}",
-        ),
-        timeout=300,
-    )
+    sources = f"--data.init_args.sources=[{{path: {pairs3}}}]"
+    run(root, command("align", sources, *DDP_ALIGN, f"--data.init_args.num_workers={workers}"), timeout=300)
     ranks = [record(root, f"rec-rank{r}.json") for r in (0, 1)]
     for r, rec in enumerate(ranks):
         assert rec["world_size"] == 2 and rec["rank"] == r
         assert sorted(map(int, rec["losses"])) == list(range(6))
-    # different data per rank (which shards a rank reads changes with each pass's shard order)
-    assert all(ranks[0]["keys"][s] != ranks[1]["keys"][s] for s in ranks[0]["keys"])
     assert ranks[0]["params"] == ranks[1]["params"]  # DDP kept the replicas equal
-    assert (root / "runs/align/run/data_skips.json").exists()
+
+    positions = stream_positions(root / "runs/align/run/checkpoints/last.ckpt")
+    assert sorted(index for index, _, _ in positions) == list(range(2 * max(workers, 1))), positions  # both ranks
+    assert all(pass_index == 0 for pass_index, _, _ in positions.values()), positions  # the run is the first pass
+    keys = [[k for step in sorted(rec["keys"], key=int) for k in rec["keys"][step]] for rec in ranks]
+    assert all(len(k) == 12 and len(set(k)) == 12 for k in keys), keys  # 6 steps x 2 rows, no repeat within a rank
+    assert not set(keys[0]) & set(keys[1]), "the ranks read overlapping data"
+
+    def total(recs: list[dict]) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for rec in recs:
+            for skips in rec["skips"].values():
+                merge_skips(out, skips)
+        return out
+
+    saved = json.loads((root / "runs/align/run/data_skips.json").read_text())
+    assert saved["by_source"] == total(ranks), (saved, [total([rec]) for rec in ranks])  # the file sums the ranks
+    if workers == 0:  # each rank entered exactly one shard (13 of >= 16 samples read) and met its broken first sample
+        assert [(shard, offset > 0) for _, shard, offset in sorted(positions.values())] == [(0, True), (0, True)]
+        assert [total([rec]) for rec in ranks] == [{"pairs3": {"bad_image": 1}}] * 2
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_resume_on_the_real_stage_is_exact_on_both_ranks(toyworld_dir, tokenizer_dir, tmp_path):
+    """Align under DDP: 2 steps, then the same command to 4 resumes from last.ckpt; each rank continues its own part of
+    the data (Lightning writes rank 0's loader state only; ExactLoaderResume keeps every rank's) and both ranks' losses,
+    keys and parameters equal the uninterrupted 4-step run."""
+    pairs3 = three_shards(toyworld_dir, tmp_path / "pairs3")
+    cli = (f"--data.init_args.sources=[{{path: {pairs3}}}]", *DDP_ALIGN)
+    ref = workdir(tmp_path / "reference", toyworld_dir, steps=4)
+    run(ref, command("align", *cli), timeout=300)
+    root = workdir(tmp_path / "resumed", toyworld_dir, steps=2)
+    run(root, command("align", *cli, record="a.json"), timeout=300)
+    workdir(root, toyworld_dir, steps=4)  # the same run, now to 4 steps
+    run(root, command("align", *cli, record="b.json"), timeout=300)
+    for r in (0, 1):
+        reference, a, b = (record(d, f"{name}-rank{r}.json") for d, name in ((ref, "rec"), (root, "a"), (root, "b")))
+        assert sorted(map(int, a["losses"])) == [0, 1] and sorted(map(int, b["losses"])) == [2, 3]
+        for field in ("losses", "keys", "params"):
+            assert {**a[field], **b[field]} == reference[field], (r, field)
 
 
 # ------------------------------------------------------------------------------------------- 4. NaN

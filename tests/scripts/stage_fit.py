@@ -6,7 +6,7 @@
 The callback (`StageProbe`, added as `--trainer.callbacks+=`) writes `<OUT>.started` when the first step begins (so an
 error raised inside a step still leaves a mark) and OUT.json after every batch (so a killed process leaves what it
 trained): per global step the loss as a Python float (`repr` precision; `null` for a skipped step), the batch's sample
-keys and a checksum of the trainable parameters after the step. `--pause-at K` makes rank 0 wait at the start of step K
+keys and skip counts, and a checksum of the trainable parameters after the step. `--pause-at K` makes rank 0 wait at the start of step K
 (after writing `<OUT>.paused`) until a signal arrives; `--nan-at` fills the batch's pixel values with NaN at those steps,
 so the stage's own forward produces a NaN loss; `--ckpt-every N` makes the trainer fragment's checkpoint callback save
 every N steps. Under DDP each rank writes OUT.json with `-rank<r>` before `.json`.
@@ -30,7 +30,7 @@ class StageProbe(pl.Callback):
     def __init__(self, out: str, pause_at: int = -1, nan_at: list[int] | None = None, ckpt_every: int = 0) -> None:
         self.out, self.pause_at, self.nan_at = Path(out), pause_at, list(nan_at or [])
         self.ckpt_every = ckpt_every
-        self.record: dict[str, Any] = {"losses": {}, "keys": {}, "params": {}, "world_size": 1, "rank": 0}
+        self.record: dict[str, Any] = {"losses": {}, "keys": {}, "skips": {}, "params": {}, "world_size": 1, "rank": 0}
         self._step = -1
         self.started = self.out.with_name(self.out.name + ".started")
 
@@ -63,6 +63,7 @@ class StageProbe(pl.Callback):
         loss = float(outputs["loss"].detach()) if outputs and outputs.get("loss") is not None else None
         self.record["losses"][step] = None if loss is None or not math.isfinite(loss) else loss
         self.record["keys"][step] = list(batch.get("keys", []))
+        self.record["skips"][step] = batch.get("skips", {})
         with torch.no_grad():
             total = sum(float(p.double().sum()) for p in pl_module.parameters() if p.requires_grad)
         self.record["params"][step] = total

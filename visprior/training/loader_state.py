@@ -7,6 +7,11 @@ started at batch 5 instead of 4). This callback wraps the fetcher's iterator, sn
 batch is produced, and at save time puts the snapshot that belongs to the batch in training into
 ``checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]``, where Lightning's restore reads it. It touches two private Lightning
 attributes (``fit_loop._data_fetcher``, ``fit_loop._combined_loader``); the exact-resume tests catch any change there.
+
+Under DDP/FSDP only rank 0's checkpoint dict is written, so Lightning would give every rank rank 0's loader state on
+resume (the streams refuse it: "state was saved by split 0/2, this reader is 1/2"). The callback gathers every rank's
+state into ``checkpoint["loader_state_per_rank"]`` (a collective; Lightning calls ``save_checkpoint`` on every rank) and
+puts each rank's own back before Lightning restores the loops.
 """
 
 from __future__ import annotations
@@ -18,9 +23,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
 log = logging.getLogger(__name__)
+
+PER_RANK_KEY = "loader_state_per_rank"
+"""Checkpoint key of every rank's loader state (Lightning keeps rank 0's under ``loops``)."""
 
 
 def loader_states(trainer: pl.Trainer) -> list[dict[str, Any]]:
@@ -86,5 +95,30 @@ class ExactLoaderResume(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
-        if self._current is not None and "combined_loader" in fit_state:
+        if "combined_loader" not in fit_state:
+            return
+        if self._current is not None:
             fit_state["combined_loader"] = self._current
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # only rank 0's checkpoint dict is written, and each rank reads its own part of the data: keep them all
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, fit_state["combined_loader"])
+            checkpoint[PER_RANK_KEY] = ranks
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Before Lightning restores the loops: this rank's own loader state in place of rank 0's."""
+        ranks = checkpoint.get(PER_RANK_KEY)
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        if not ranks or "combined_loader" not in fit_state:
+            return
+        if len(ranks) != trainer.world_size:
+            log.warning(
+                "ExactLoaderResume: the checkpoint holds the data positions of %d ranks, this run has %d; "
+                "every rank gets rank 0's",
+                len(ranks),
+                trainer.world_size,
+            )
+            return
+        fit_state["combined_loader"] = ranks[trainer.global_rank]
