@@ -72,3 +72,22 @@ def test_align_stage_trains_a_connector_into_real_smollm2(smollm2_tiny_dir, toyw
     with safe_open(str(smollm2_tiny_dir / "model.safetensors"), framework="pt") as f:
         released = f.get_tensor("model.layers.0.mlp.down_proj.weight")
     assert torch.equal(state["model.language_model.model.layers.0.mlp.down_proj.weight"], released)  # frozen in align
+
+
+def test_random_arm_has_the_released_architecture(smollm2_dir: Path) -> None:
+    """LSBS arm (b): recipes/_base/models/smollm2-135m-random.yaml builds every tensor of the released model, same shape."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from visprior.models.language import causal_lm_config
+
+    released = yaml.safe_load((REPO / "recipes/_base/models/smollm2-135m.yaml").read_text())
+    random = yaml.safe_load((REPO / "recipes/_base/models/smollm2-135m-random.yaml").read_text())
+    assert released["path"] == random["tokenizer"] == "checkpoints/smollm2-135m"
+    assert released["add_image_token"] and random["add_image_token"]
+    with torch.device("meta"):
+        real = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_dir, local_files_only=True))
+        fresh = AutoModelForCausalLM.from_config(causal_lm_config(random["config"]))
+    shapes = {k: v.shape for k, v in real.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in fresh.state_dict().items()}
+    assert real.config.tie_word_embeddings and fresh.config.tie_word_embeddings
