@@ -45,8 +45,9 @@ def test_mask_form_per_backend() -> None:
     assert isinstance(flex, BlockMask)
     # the BlockMask's rule, evaluated densely, is exactly the boolean mask
     assert torch.equal(create_mask(block_causal_mask_mod(DOCS), 2, 1, 8, 8, device="cpu"), dense)
-    with pytest.raises(ValueError, match="flash_attention_2.*language_model.attn_implementation"):
-        attention_mask_for(DOCS, "flash_attention_2", torch.float32)
+    assert attention_mask_for(DOCS, "flash_attention_2", torch.float32) is None  # varlen: documents from position_ids
+    with pytest.raises(ValueError, match="paged_attention.*language_model.attn_implementation"):
+        attention_mask_for(DOCS, "paged_attention", torch.float32)
 
 
 def test_boundary_label_rule() -> None:

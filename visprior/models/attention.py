@@ -9,8 +9,16 @@ of its own making (torchtune's `attention_utils.py` does the same). Here they be
   `sdpa` a dense boolean `[B, 1, T, T]` (True = attend); `eager` an additive float mask (0 / dtype minimum), because
   transformers' eager attention *adds* the mask to the scores and a boolean would silently add 1 / 0 (measured in
   transformers 5.2x); `flex_attention` a `BlockMask` built from the same rule. transformers passes any 4D mask (tensor or
-  `BlockMask`) through unchanged (`masking_utils._preprocess_mask_arguments`). Flash attention needs variable-length
-  sequences instead of a mask and is refused here with a clear error until that backend is added.
+  `BlockMask`) through unchanged (`masking_utils._preprocess_mask_arguments`). `flash_attention_2` / `_3` take no
+  mask at all: they run padding-free variable-length attention (`flash_attn_varlen_func`) over the sequences that
+  `position_ids` delimit (each document restarts at 0; padding positions are 0, so each is a sequence of one and
+  attends to itself, as the rule says), which transformers derives from `position_ids` when the mask is None. That is
+  O(T) memory where the dense masks are O(T²). FlexAttention has no backward on CPU (torch 2.13): on CPU it serves
+  evaluation; training with it needs a GPU.
+
+Which backend runs is one key, `language_model.attn_implementation` (`LanguageModelSpec`, set in the model fragment,
+e.g. recipes/_base/models/toy-lm.yaml): `sdpa` (the CPU default), `flex_attention` (CPU forward, GPU), `flash_attention_2`
+(GPU with flash-attn installed), `eager`.
 - the boundary label rule (`mask_document_starts`): a target whose previous token lies in another document is not
   supervised, since the shifted loss would predict it from the previous document's last token. With it a packed
   document's loss equals its loss alone. The rule lives only here; the packer leaves labels as the tokenizer made them.
@@ -27,6 +35,8 @@ IGNORE_INDEX = -100
 DENSE_BOOL_BACKENDS = ("sdpa",)
 ADDITIVE_BACKENDS = ("eager",)
 BLOCK_MASK_BACKENDS = ("flex_attention",)
+VARLEN_BACKENDS = ("flash_attention_2", "flash_attention_3")
+"""Backends that take the documents from `position_ids` (padding-free varlen) instead of a mask."""
 
 
 def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
@@ -68,14 +78,17 @@ def block_causal_block_mask(document_ids: torch.Tensor) -> Any:
 
 
 def attention_mask_for(document_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> Any:
-    """The block-causal mask for `document_ids` `[B, T]` in the form the LM's attention backend takes."""
+    """The block-causal mask for `document_ids` `[B, T]` in the form the LM's attention backend takes (None for the
+    varlen backends, which read the documents from `position_ids`)."""
     if attn_implementation in DENSE_BOOL_BACKENDS:
         return block_causal_mask(document_ids)  # [B, 1, T, T] bool
     if attn_implementation in ADDITIVE_BACKENDS:
         return block_causal_bias(document_ids, dtype)  # [B, 1, T, T] float
     if attn_implementation in BLOCK_MASK_BACKENDS:
         return block_causal_block_mask(document_ids)
-    known = DENSE_BOOL_BACKENDS + ADDITIVE_BACKENDS + BLOCK_MASK_BACKENDS
+    if attn_implementation in VARLEN_BACKENDS:
+        return None
+    known = DENSE_BOOL_BACKENDS + ADDITIVE_BACKENDS + BLOCK_MASK_BACKENDS + VARLEN_BACKENDS
     raise ValueError(
         f"attention backend {attn_implementation!r} cannot take a block-causal mask for packed rows; "
         f"set language_model.attn_implementation to one of {list(known)}"

@@ -217,10 +217,12 @@ def turn_averaged_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
         reduction="none",
     ).view_as(targets)  # fmt: skip
     starts = supervised & ~F.pad(supervised[:, :-1], (1, 0), value=False)  # [B, T-1] first target of each turn
-    num_turns = int(starts.sum())
-    if num_turns == 0:
-        return logits.sum() * 0.0
-    turn = (starts.flatten().cumsum(0) - 1).view_as(targets)[supervised]  # turn index of each supervised target
-    sums = torch.zeros(num_turns, device=logits.device).index_add(0, turn, token_loss[supervised])
-    counts = torch.bincount(turn, minlength=num_turns)
-    return (sums / counts).mean()
+    # turn index of each target; at most B*(T-1) turns, so the buffers have a static size and nothing waits for the
+    # device to say how many turns there are (no host sync)
+    turn = (starts.flatten().cumsum(0) - 1).clamp(min=0)  # [B*(T-1)]
+    weight = supervised.flatten().to(token_loss.dtype)
+    sums = torch.zeros_like(weight).index_add(0, turn, token_loss.flatten() * weight)
+    counts = torch.zeros_like(weight).index_add(0, turn, weight)
+    num_turns = starts.sum()
+    per_turn = torch.where(counts > 0, sums / counts.clamp(min=1), 0.0)
+    return per_turn.sum() / num_turns.clamp(min=1)  # in the graph (through token_loss) even with no turn

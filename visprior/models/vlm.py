@@ -101,25 +101,34 @@ class VisionLanguageModel(nn.Module):
             raise ValueError("this model is text-only (built without a vision tower) but got pixel_values")
         return self.connector(self.vision_tower(pixel_values))  # [N, K, D]
 
+    def check_image_tokens(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        """`input_ids` hold exactly `num_image_tokens` image tokens per image of `pixel_values` (none without)."""
+        found = int((input_ids == self.image_token_id).sum())
+        if pixel_values is None:
+            if found:
+                raise ValueError(f"input_ids hold {found} image tokens but pixel_values is None")
+            return
+        if self.vision_tower is None:
+            raise ValueError("this model is text-only (built without a vision tower) but got pixel_values")
+        expected = pixel_values.shape[0] * self.num_image_tokens
+        if found != expected:
+            raise ValueError(
+                f"input_ids hold {found} image tokens but {pixel_values.shape[0]} images x {self.num_image_tokens} "
+                f"tokens per image = {expected} are needed (num_image_tokens={self.num_image_tokens})"
+            )
+
     def _embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeds = self.language_model.get_input_embeddings()(input_ids)  # [B, T, D]
         is_image = input_ids == self.image_token_id  # [B, T]
-        num_image_tokens = int(is_image.sum())
+        if input_ids.device.type == "cpu":  # on an accelerator the count would stall every step: the stages check
+            self.check_image_tokens(input_ids, pixel_values)  # batches on the host before transfer instead
         if pixel_values is None:
-            if num_image_tokens:
-                raise ValueError(f"input_ids hold {num_image_tokens} image tokens but pixel_values is None")
             if self.vision_on_text_batches and self.vision_tower is not None:
                 embeds = embeds + self._vision_keepalive(embeds)
             return embeds, None
         features = self.encode_images(pixel_values)  # [N, K, D]
-        expected = features.shape[0] * features.shape[1]
-        if num_image_tokens != expected:
-            raise ValueError(
-                f"input_ids hold {num_image_tokens} image tokens but {features.shape[0]} images x {features.shape[1]} "
-                f"tokens per image = {expected} are needed (num_image_tokens={self.num_image_tokens})"
-            )
         placed = features
         if self.visual_words is not None and self.visual_words.pseudo_image_features:
             table = self.language_model.get_input_embeddings().weight  # [V, D]
@@ -167,6 +176,11 @@ class VisionLanguageModel(nn.Module):
         if document_ids is not None:
             attn_impl = self.language_model.config._attn_implementation
             attention_mask = attention_mask_for(document_ids, attn_impl, embeds.dtype)  # [B, 1, T, T] or a BlockMask
+            if attention_mask is None and position_ids is None:  # varlen backends read the documents from positions
+                raise ValueError(
+                    f"{attn_impl} finds packed documents from position_ids (restarting at 0 per document): pass "
+                    "position_ids with document_ids"
+                )
         else:  # an explicit 2D mask stops transformers from inferring packing from position_ids
             attention_mask = torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device)  # [B, T]
         out = self.language_model(

@@ -23,7 +23,7 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -33,6 +33,9 @@ from torch import nn
 from visprior.stages.init_from import InitFrom, apply_init_from, as_init_list
 from visprior.training.nonfinite import skip_nonfinite, step_skipped
 
+COUNTS_KEY = "host_counts"
+"""Batch key under which the stage puts the batch's host-side counts before transfer (`Stage.batch_counts`)."""
+
 
 @dataclass
 class StepOutput:
@@ -40,9 +43,9 @@ class StepOutput:
 
     loss: torch.Tensor
     tokens: int = 0
-    """Non-padding tokens the step processed (for tokens/s and MFU)."""
-    supervised: int = 0
-    """Tokens that carried a loss."""
+    """Non-padding tokens the step processed (for tokens/s and MFU), counted on the host (`Stage.host_counts`)."""
+    supervised: int | torch.Tensor = 0
+    """Tokens that carried a loss; a tensor on the model's device is kept as one (no host sync per step)."""
     samples: int = 0
     """Documents / pairs / conversations in the batch."""
     images: int = 0
@@ -162,8 +165,9 @@ class Stage(pl.LightningModule):
         decay_steps: int | None = None,
         min_lr_ratio: float = 0.1,
         grad_clip: float | None = 1.0,
-        peak_flops: float | None = None,
+        peak_flops: float | Literal["auto"] | None = "auto",
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ):
         """
         Args:
@@ -180,9 +184,14 @@ class Stage(pl.LightningModule):
                 which would consume the loader before its state is restored).
             min_lr_ratio: learning rate at the end of the cosine, as a fraction of the peak.
             grad_clip: max global gradient norm (None: no clipping); also applied under FSDP2, where Lightning's own is refused.
-            peak_flops: the hardware's peak FLOP/s for MFU (e.g. 989e12 for an H100 bf16 dense); None: MFU not logged.
+            peak_flops: the hardware's peak FLOP/s for `train/mfu` (e.g. 989e12 for an H100 bf16 dense); `auto`: the
+                measured matmul rate of this CPU in the run's precision, or the table figure of a known GPU
+                (`visprior.hardware`), logged at fit start; None: MFU not logged.
             activation_checkpointing: recompute each transformer block in backward (less memory, ~1/3 more compute),
                 under every strategy (FSDP2 included); `visprior plan` shows the memory with and without.
+            compile: `torch.compile` each transformer block (regional, as torchtitan; also under FSDP2), compiled
+                kernels cached on disk for relaunches (`visprior.stages.compile`). It pays only when the run is long
+                enough to earn back the first compile (benchmarks/train_step.py prints both).
         """
         super().__init__()
         self.trainable = dict(trainable if trainable is not None else self.default_trainable)
@@ -199,10 +208,13 @@ class Stage(pl.LightningModule):
         self.grad_clip = grad_clip
         self.peak_flops = peak_flops
         self.activation_checkpointing = activation_checkpointing
+        self.regional_compile = compile  # not `self.compile`: that is nn.Module.compile
         self._configured = False
         self._frozen = False
         self._last_time: float | None = None
-        self._supervised_total = 0
+        self._supervised_total: int | torch.Tensor = 0
+        self._peak: float | None = None if peak_flops == "auto" else peak_flops
+        self._clip_params: list[nn.Parameter] | None = None
         self.model = model
         self.freeze()
 
@@ -299,6 +311,13 @@ class Stage(pl.LightningModule):
         apply_init_from(self.model, self.init_from)
         from visprior.stages.parallelize import FSDP2Strategy, parallelize
 
+        if self.regional_compile:  # before sharding: FSDP2's hooks stay outside the compiled blocks
+            from visprior.stages.compile import compile_blocks
+
+            rank_zero_info(
+                f"compile: {compile_blocks(self.model)} transformer blocks compiled (regional torch.compile)"
+            )
+
         strategy = self.trainer.strategy if self._trainer is not None else None
         ac = self.activation_checkpointing  # the one switch, whatever the strategy
         if isinstance(strategy, FSDP2Strategy):  # precision comes from the trainer fragment's strategy
@@ -308,8 +327,23 @@ class Stage(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self.train()  # Lightning 2.6 keeps the mode a module comes with; the override keeps frozen parts in eval
+        if self.peak_flops == "auto":
+            self._peak = self.resolve_peak_flops()
         if self.trainer.is_global_zero:
             self.log_parameter_table()
+
+    def resolve_peak_flops(self) -> float | None:
+        """`peak_flops: auto` for this run's device and precision (one line logged either way)."""
+        from visprior.hardware import peak_flops_for
+
+        peak, source = peak_flops_for(self.device, self.trainer.precision, self.trainer.strategy)
+        if peak is None:
+            rank_zero_info(
+                f"peak_flops: auto -> unknown ({source}): train/mfu not logged; set model.init_args.peak_flops"
+            )
+        else:
+            rank_zero_info(f"peak_flops: auto -> {peak / 1e12:.3g} TFLOP/s per device ({source}); train/mfu logged")
+        return peak
 
     def configure_optimizers(self) -> dict[str, Any]:
         groups = []
@@ -344,13 +378,33 @@ class Stage(pl.LightningModule):
         """Clip by global norm with torch directly, so it works under FSDP2 (DTensor parameters) as well."""
         clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
         if clip:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)
+            if self._clip_params is None:  # listed once, not per step (clip_grad_norm_ skips parameters without grad)
+                self._clip_params = [p for g in optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(self._clip_params, clip, foreach=True)
 
     # ------------------------------------------------------------------------------------------------ steps
 
     def compute_loss(self, batch: dict[str, Any]) -> StepOutput:
         raise NotImplementedError
+
+    def batch_counts(self, batch: Any) -> dict[str, int]:
+        """`tokens`, `samples`, `images` of a batch for throughput and MFU; kinds of stage say what they count.
+
+        Called on the host, before the batch moves to the device (`on_before_batch_transfer`), so reading the counts
+        out never waits for the device.
+        """
+        return {}
+
+    def host_counts(self, batch: Any) -> dict[str, int]:
+        """The counts taken on the host before transfer, or (a batch that never went through the trainer) now."""
+        if isinstance(batch, dict) and COUNTS_KEY in batch:
+            return batch[COUNTS_KEY]
+        return self.batch_counts(batch)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, dict):
+            batch[COUNTS_KEY] = self.batch_counts(batch)
+        return batch
 
     def flops_per_token(self, batch: dict[str, Any]) -> float:
         """Model FLOPs per processed token (forward + backward); stages refine this. 0: MFU not logged."""
@@ -358,10 +412,11 @@ class Stage(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         out = self.compute_loss(batch)
-        self._supervised_total += out.supervised
+        self._supervised_total = self._supervised_total + out.supervised  # a device tensor stays one: no sync
         bs = max(out.samples, 1)
         self.log("train/loss", out.loss.detach(), prog_bar=True, batch_size=bs)
-        self.log("train/supervised_tokens", float(self._supervised_total), batch_size=bs)
+        total = self._supervised_total
+        self.log("train/supervised_tokens", total.float() if torch.is_tensor(total) else float(total), batch_size=bs)
         for k, v in out.metrics.items():
             self.log(f"train/{k}", v, batch_size=bs)
         now = time.perf_counter()
@@ -371,8 +426,8 @@ class Stage(pl.LightningModule):
             self.log("train/tokens_per_s", out.tokens * world / dt, batch_size=bs)
             self.log("train/samples_per_s", out.samples * world / dt, batch_size=bs)
             fpt = self.flops_per_token(batch)
-            if self.peak_flops and fpt:
-                self.log("train/mfu", fpt * out.tokens / dt / self.peak_flops, batch_size=bs)
+            if self._peak and fpt:
+                self.log("train/mfu", fpt * out.tokens / dt / self._peak, batch_size=bs)
         self._last_time = now
         return skip_nonfinite(self, out.loss, batch)  # None (a skipped step) when the loss is not finite on any rank
 
@@ -386,7 +441,7 @@ class Stage(pl.LightningModule):
         return {"stage": stage, "model": hashlib.sha256(blob.encode()).hexdigest()[:12]}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["visprior"] = {"supervised_tokens": self._supervised_total, **self.identity()}
+        checkpoint["visprior"] = {"supervised_tokens": int(self._supervised_total), **self.identity()}
         if self._trainer is not None:  # a resume keeps it (visprior.stage_cli)
             checkpoint["visprior"]["precision"] = self.trainer.precision
 

@@ -119,14 +119,17 @@ class ContrastivePretraining(Stage):
         loss = siglip_loss(logits) if self.loss_name == "siglip" else clip_loss(logits)
         target = torch.arange(logits.shape[0], device=logits.device)
         acc = (logits.argmax(dim=1) == target).float().mean()
-        tokens = int((batch["document_ids"] >= 0).sum())
-        n = int(pixels.shape[0])
-        return StepOutput(loss, tokens=tokens, supervised=0, samples=n, images=n, metrics={"i2t_accuracy": acc})
+        return StepOutput(loss, supervised=0, metrics={"i2t_accuracy": acc}, **self.host_counts(batch))
+
+    def batch_counts(self, batch: dict[str, Any]) -> dict[str, int]:
+        """Caption tokens and pairs (on the host: see `Stage.batch_counts`)."""
+        n = int(batch["input_ids"].shape[0])
+        return {"tokens": int((batch["document_ids"] >= 0).sum()), "samples": n, "images": n}
 
     def flops_per_token(self, batch: dict[str, Any]) -> float:
         tower, text = self.model["vision_tower"], self.model["text_encoder"]
         rows, seq_len = batch["input_ids"].shape
-        tokens = max(int((batch["document_ids"] >= 0).sum()), 1)
+        tokens = max(self.host_counts(batch)["tokens"], 1)
         fv = flops_factor("vision_tower" in self.trainable, False)
         ft = flops_factor("text_encoder" in self.trainable, False)
         vision = (

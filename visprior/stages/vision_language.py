@@ -22,12 +22,6 @@ from visprior.stages.flops import flops_factor, transformer_flops_per_token
 from visprior.stages.init_from import resolve_model_specs
 
 
-def batch_counts(batch: dict[str, Any]) -> tuple[int, int]:
-    """(non-padding tokens, documents) of a batch."""
-    docs = batch["document_ids"]
-    return int((docs >= 0).sum()), int((docs.max(dim=1).values + 1).clamp(min=0).sum())
-
-
 class VLMStage(Stage):
     """Next-token loss on any batch of the contract (packed or padded, with or without images)."""
 
@@ -59,23 +53,31 @@ class VLMStage(Stage):
             pixel_values=batch.get("pixel_values"),
             loss_average=self.loss_average,
         )
-        tokens, docs = batch_counts(batch)
-        pixels = batch.get("pixel_values")
-        images = 0 if pixels is None else int(pixels.shape[0])
+        counts = self.host_counts(batch)
         loss = out.loss  # a batch without images still ran the vision path (VisionLanguageModel.vision_on_text_batches)
         metrics = {}
         if self.model.visual_words is not None:  # both losses, so a recipe can see what each term does
             metrics["text_loss"] = out.text_loss.detach()
             if out.visual_words_loss is not None:
                 metrics["visual_words_loss"] = out.visual_words_loss.detach()
-        supervised = int(out.num_supervised)
-        return StepOutput(loss, tokens=tokens, supervised=supervised, samples=docs, images=images, metrics=metrics)
+        return StepOutput(loss, supervised=out.num_supervised, metrics=metrics, **counts)
+
+    def batch_counts(self, batch: dict[str, Any]) -> dict[str, int]:
+        """Non-padding tokens, documents and images of a batch (on the host: see `Stage.batch_counts`)."""
+        docs = batch["document_ids"]  # [B, T], -1 = padding
+        pixels = batch.get("pixel_values")
+        self.model.check_image_tokens(batch["input_ids"], pixels)  # here, on the host, not in the step
+        return {
+            "tokens": int((docs >= 0).sum()),
+            "samples": int((docs.max(dim=1).values + 1).clamp(min=0).sum()),
+            "images": 0 if pixels is None else int(pixels.shape[0]),
+        }
 
     def flops_per_token(self, batch: dict[str, Any]) -> float:
         """Vision tower per image + connector per image + LM per token (see `flops.py`), over the batch's tokens."""
         m, trains = self.model, set(self.trainable)
         rows, seq_len = batch["input_ids"].shape
-        tokens = max(int((batch["document_ids"] >= 0).sum()), 1)
+        tokens = max(self.host_counts(batch)["tokens"], 1)
         total, upstream = 0.0, False
         if m.vision_tower is not None and batch.get("pixel_values") is not None:
             n_img = batch["pixel_values"].shape[0]
@@ -101,9 +103,10 @@ class VLMStage(Stage):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.compute_loss(batch)
-        self.log("val/loss", out.loss, batch_size=max(out.supervised, 1), sync_dist=True)
+        supervised = max(int(out.supervised), 1)  # the loss is weighted by it across batches and ranks
+        self.log("val/loss", out.loss, batch_size=supervised, sync_dist=True)
         for name, value in out.metrics.items():
-            self.log(f"val/{name}", value, batch_size=max(out.supervised, 1), sync_dist=True)
+            self.log(f"val/{name}", value, batch_size=supervised, sync_dist=True)
 
 
 class VisionLanguagePretraining(VLMStage):

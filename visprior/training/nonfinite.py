@@ -89,7 +89,7 @@ class NonFiniteGuard(Callback):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
         if not grads:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # one foreach kernel, not a Python loop of norms
         finite = trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(norm)), all=True)
         if finite:
             return
