@@ -96,8 +96,8 @@ def trained_checkpoint(
     "tower, connector, select, strategy",
     [
         (CLIP, "mlp2x_gelu", "patch", "default"),
-        (SIGLIP, "linear", "patch", "full"),
-        (CLIP, "linear", "cls_patch", "full"),
+        pytest.param(SIGLIP, "linear", "patch", "full", marks=pytest.mark.slow),
+        pytest.param(CLIP, "linear", "cls_patch", "full", marks=pytest.mark.slow),
     ],
 )
 def test_trained_model_exports_to_llava_hf_with_our_logits_and_tokens(
