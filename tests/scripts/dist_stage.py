@@ -2,8 +2,12 @@
 
 Used by tests/test_distributed.py: `--strategy single` (one process, whole global batch), `ddp` (2 CPU processes on gloo,
 half the rows each) and `fsdp` (the strategy of recipes/_base/trainers/fsdp-bf16.yaml, FSDP2 on 2 CPU processes, fp32
-parameters so the numbers compare). Rows have equal supervised-token counts, so the mean of the per-rank losses equals
-the single-process loss. Lightning launches the extra rank by re-running this script.
+parameters so the numbers compare). The optimizer is plain SGD, so the gradient's scale shows in the next losses (AdamW
+would hide gradients summed instead of averaged), and the rows carry 16, 12, 5 and 2 supervised tokens, so rank 0 has
+28 and rank 1 only 7: the single-process loss is the mean over all 35 tokens, which the ranks reach only by weighting
+their losses by token count, not by averaging their two means. A forward pre-hook counts every transformer block's
+runs: with activation checkpointing (FSDP2 here) a block runs twice per step. Lightning launches the extra rank by
+re-running this script.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ TOWER = {
     "intermediate_size": 128,
     "vision_use_head": False,
 }
-GLOBAL_ROWS, TEXT_TOKENS, STEPS = 4, 16, 3
+GLOBAL_ROWS, TEXT_TOKENS, STEPS, LR = 4, 16, 3, 0.5
+SUPERVISED = (16, 12, 5, 2)
+"""Supervised text tokens per row of the global batch (the last ones of the row): rank 0 of 2 gets 28, rank 1 gets 7."""
 
 
 def global_batches(image_token: int, num_image_tokens: int, vocab: int) -> list[dict[str, torch.Tensor]]:
@@ -53,7 +59,8 @@ def global_batches(image_token: int, num_image_tokens: int, vocab: int) -> list[
         text = torch.randint(10, vocab, (GLOBAL_ROWS, TEXT_TOKENS), generator=g)
         ids = torch.cat([torch.full((GLOBAL_ROWS, num_image_tokens), image_token), text], dim=1)  # [B, T]
         labels = ids.clone()
-        labels[:, :num_image_tokens] = -100
+        for row, keep in enumerate(SUPERVISED):  # labels[:, t] is predicted at t - 1: only text predicts text
+            labels[row, : num_image_tokens + TEXT_TOKENS - keep] = -100
         t = ids.shape[1]
         out.append(
             {
@@ -99,6 +106,25 @@ def fragment_strategy(path: Path) -> pl.strategies.Strategy:
     return cls(**{**spec.get("init_args", {}), **overrides})
 
 
+class SGDPretraining(VisionLanguagePretraining):
+    """The stage with plain SGD (no momentum): an update is the gradient times LR, so its scale is visible."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=LR)
+
+
+def count_calls(blocks: list[torch.nn.Module]) -> list[int]:
+    """A live list of how many times each block ran, recomputation in backward included.
+
+    The hook sits on the block's MLP: transformers checkpoints a layer's `forward`, not its `__call__` (so FSDP2's hooks
+    on the block run once), and a recomputation reruns `forward`, which calls the MLP again.
+    """
+    calls = [0] * len(blocks)
+    for i, block in enumerate(blocks):
+        block.mlp.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--strategy", choices=["single", "ddp", "fsdp"], required=True)
@@ -107,10 +133,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    stage = VisionLanguagePretraining(
+    stage = SGDPretraining(
         LanguageModelSpec(config=LM, tokenizer=args.tokenizer),
         VisionTowerSpec(config=TOWER, feature_layer=-2),
-        trainable={"vision_tower": 1e-3, "connector": 1e-3, "language_model": 1e-3},
+        trainable={"vision_tower": LR, "connector": LR, "language_model": LR},
         grad_clip=None,
         activation_checkpointing=args.strategy == "fsdp",  # the stage's switch, applied under FSDP2 too
     )
@@ -123,6 +149,8 @@ def main() -> None:
     else:
         strategy = "auto"
     log = GlobalLoss()
+    blocks = transformer_blocks(stage.model.language_model) + transformer_blocks(stage.model.vision_tower)
+    calls = count_calls(blocks)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1 if args.strategy == "single" else 2,
@@ -140,11 +168,11 @@ def main() -> None:
     if trainer.is_global_zero:
         from torch.distributed.fsdp import FSDPModule
 
-        blocks = transformer_blocks(stage.model.language_model) + transformer_blocks(stage.model.vision_tower)
         result = {
             "losses": log.losses,
             "world_size": trainer.world_size,
             "blocks": len(blocks),
+            "block_calls": calls,
             "sharded_blocks": sum(isinstance(b, FSDPModule) for b in blocks),
             "root_sharded": isinstance(stage.model, FSDPModule),
             "pid": os.getpid(),

@@ -50,6 +50,10 @@ class StepOutput:
     """Documents / pairs / conversations in the batch."""
     images: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    weight: int | torch.Tensor | None = None
+    """How many units `loss` is a mean over (e.g. supervised tokens). Under several processes the step weights each
+    rank's loss by its share of the units summed over ranks, so the averaged gradient is the mean over every rank's
+    units, as in one process on the whole global batch; None: each rank's mean weighs the same."""
 
 
 def plain(value: Any) -> Any:
@@ -429,7 +433,21 @@ class Stage(pl.LightningModule):
             if self._peak and fpt:
                 self.log("train/mfu", fpt * out.tokens / dt / self._peak, batch_size=bs)
         self._last_time = now
-        return skip_nonfinite(self, out.loss, batch)  # None (a skipped step) when the loss is not finite on any rank
+        loss = self.weight_across_ranks(out.loss, out.weight)
+        return skip_nonfinite(self, loss, batch)  # None (a skipped step) when the loss is not finite on any rank
+
+    def weight_across_ranks(self, loss: torch.Tensor, weight: int | torch.Tensor | None) -> torch.Tensor:
+        """`loss * weight * W / sum of weights over ranks`: DDP and FSDP2 average gradients over the W ranks, so this
+        makes the step's gradient that of the mean over all ranks' units (a rank with fewer supervised tokens weighs
+        less), not the mean of per-rank means. One all-reduce of a scalar; the identity in one process."""
+        if weight is None or self._trainer is None or self.trainer.world_size == 1:
+            return loss
+        if torch.is_tensor(weight):  # a copy on the loss's device: the all-reduce works in place
+            mine = weight.detach().to(loss.device, torch.float32, copy=True)
+        else:
+            mine = torch.tensor(float(weight), device=loss.device)
+        total = self.trainer.strategy.reduce(mine.clone(), reduce_op="sum")
+        return loss * (mine * self.trainer.world_size / total.clamp(min=1.0))
 
     def identity(self) -> dict[str, str]:
         """What a checkpoint of this run must match to resume it: the stage class and a digest of the model config

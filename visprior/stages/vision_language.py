@@ -60,7 +60,10 @@ class VLMStage(Stage):
             metrics["text_loss"] = out.text_loss.detach()
             if out.visual_words_loss is not None:
                 metrics["visual_words_loss"] = out.visual_words_loss.detach()
-        return StepOutput(loss, supervised=out.num_supervised, metrics=metrics, **counts)
+        # a token mean is weighted across ranks by supervised tokens; turn means and the visual-words sum are per rank
+        per_token = self.loss_average == "token" and self.model.visual_words is None
+        weight = out.num_supervised if per_token else None
+        return StepOutput(loss, supervised=out.num_supervised, metrics=metrics, weight=weight, **counts)
 
     def batch_counts(self, batch: dict[str, Any]) -> dict[str, int]:
         """Non-padding tokens, documents and images of a batch (on the host: see `Stage.batch_counts`)."""
