@@ -6,6 +6,7 @@ Every run gets, whatever fragments it composes (so no YAML can forget or duplica
 - `ExactLoaderResume`, `PreemptionCallback`, `NonFiniteGuard` (settings: `nonfinite:`), `DataHealthCallback` and
   `RNGStateCallback`;
 - `LearningRateMonitor` when there is a logger;
+- a progress bar redrawn every `log_every_n_steps` (not every step: a redraw reads the loss back from the device);
 - `AtomicCheckpointIO` (atomic writes, `weights_only=True` reads) unless a CheckpointIO plugin is given or the strategy
   writes sharded checkpoints itself (`ModelParallelStrategy`, i.e. FSDP2).
 `trainer.precision: auto` (the CPU trainer fragment's) is resolved here, before the Trainer is built, by what the
@@ -29,7 +30,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -84,6 +85,12 @@ class StageCLI(LightningCLI):
             callbacks.append(AtomicModelCheckpoint(**self._group("checkpoint")))
         if trainer_config.get("logger") not in (None, False, []):
             callbacks.append(LearningRateMonitor(logging_interval="step"))
+        given = trainer_config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if trainer_config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):  # the bar reads the loss back from the device when it redraws: only as often as the logs are written
+            callbacks.append(TQDMProgressBar(refresh_rate=int(trainer_config.get("log_every_n_steps") or 50)))
         callbacks += [
             ExactLoaderResume(),  # checkpoint the data position of the batch in training
             PreemptionCallback(),  # SIGTERM / SIGUSR1: save a resumable checkpoint, exit cleanly

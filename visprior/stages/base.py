@@ -216,6 +216,7 @@ class Stage(pl.LightningModule):
         self._configured = False
         self._frozen = False
         self._last_time: float | None = None
+        self._window = [0, 0, 0.0]  # tokens, samples, model FLOPs since the last logged step
         self._supervised_total: int | torch.Tensor = 0
         self._peak: float | None = None if peak_flops == "auto" else peak_flops
         self._clip_params: list[nn.Parameter] | None = None
@@ -424,15 +425,24 @@ class Stage(pl.LightningModule):
         for k, v in out.metrics.items():
             self.log(f"train/{k}", v, batch_size=bs)
         now = time.perf_counter()
-        if self._last_time is not None:
-            dt = max(now - self._last_time, 1e-9)
-            world = self.trainer.world_size if self._trainer is not None else 1
-            self.log("train/tokens_per_s", out.tokens * world / dt, batch_size=bs)
-            self.log("train/samples_per_s", out.samples * world / dt, batch_size=bs)
+        if self._last_time is None:  # the first step carries set-up (and the first compile): not measured
+            self._last_time, self._window = now, [0, 0, 0.0]
+        else:  # throughput over the logging window: host numbers only, logged when Lightning logs
             fpt = self.flops_per_token(batch)
-            if self._peak and fpt:
-                self.log("train/mfu", fpt * out.tokens / dt / self._peak, batch_size=bs)
-        self._last_time = now
+            self._window = [
+                self._window[0] + out.tokens,
+                self._window[1] + out.samples,
+                self._window[2] + fpt * out.tokens,
+            ]
+            if self.logs_this_step():
+                dt = max(now - self._last_time, 1e-9)
+                world = self.trainer.world_size if self._trainer is not None else 1
+                tokens, samples, flops = self._window
+                self.log("train/tokens_per_s", tokens * world / dt, batch_size=bs)
+                self.log("train/samples_per_s", samples * world / dt, batch_size=bs)
+                if self._peak and flops:
+                    self.log("train/mfu", flops / dt / self._peak, batch_size=bs)
+                self._last_time, self._window = now, [0, 0, 0.0]
         loss = self.weight_across_ranks(out.loss, out.weight)
         return skip_nonfinite(self, loss, batch)  # None (a skipped step) when the loss is not finite on any rank
 
@@ -448,6 +458,13 @@ class Stage(pl.LightningModule):
             mine = torch.tensor(float(weight), device=loss.device)
         total = self.trainer.strategy.reduce(mine.clone(), reduce_op="sum")
         return loss * (mine * self.trainer.world_size / total.clamp(min=1.0))
+
+    def logs_this_step(self) -> bool:
+        """Whether Lightning writes this step's logs (every `log_every_n_steps`): the per-step floats (throughput, MFU)
+        are logged only then, so other steps never copy a number to the device."""
+        if self._trainer is None:
+            return True
+        return self.trainer._logger_connector.should_update_logs
 
     def identity(self) -> dict[str, str]:
         """What a checkpoint of this run must match to resume it: the stage class and a digest of the model config

@@ -8,9 +8,12 @@ row length actually computed; packed rows still compute the full T x T block mas
 
 from __future__ import annotations
 
+import functools
+
 from torch import nn
 
 
+@functools.cache  # by module identity: the shapes never change, and MFU asks every step
 def matmul_params(module: nn.Module) -> int:
     """Parameters that take part in matmuls (embedding tables excluded; a tied LM head still counts once via `lm_head`)."""
     total = 0
