@@ -53,3 +53,15 @@ def test_totals_survive_a_checkpoint_round_trip() -> None:
     after.load_state_dict(before.state_dict())
     merge_skips(after.totals, {"web": {"bad_json": 1, "corrupt_tar": 1}})
     assert by_reason(after.totals) == {"bad_json": 3, "corrupt_tar": 1}
+
+
+def test_a_two_rank_state_resumed_in_one_process_keeps_the_sum() -> None:
+    """Each rank counts its own batches; resumed on one rank the totals over ranks must stay what they were."""
+    ranks = [
+        {"totals": {"web": {"bad_json": 2}}, "batches": 4, "seen": {"web": 30}, "shards": {"web": {"s0": 2}}},
+        {"totals": {"web": {"bad_json": 1, "corrupt_tar": 1}}, "batches": 4, "seen": {"web": 28}, "shards": {}},
+    ]
+    one = DataHealthCallback()
+    one.load_state_dict({**ranks[0], "ranks": ranks})
+    assert (one.totals, one.seen, one.batches) == ({"web": {"bad_json": 3, "corrupt_tar": 1}}, {"web": 58}, 4)
+    assert one.shards == {"web": {"s0": 2}}

@@ -134,3 +134,4 @@ def test_ddp_signal_to_one_rank_stops_both_at_the_same_step(tmp_path: Path) -> N
         assert {**first[r]["seen"], **second[r]["seen"]} == ref[r]["seen"], f"rank {r}"
         assert second[r]["weight"] == ref[r]["weight"], f"rank {r}"
         assert second[r]["guard"] == ref[r]["guard"], f"rank {r}"
+        assert second[r]["skips"] == ref[r]["skips"], f"rank {r}"  # each rank's own skip counts came back

@@ -224,12 +224,44 @@ class DataHealthCallback(Callback):
         self.write(trainer, f"exception: {type(exception).__name__}", collective=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"totals": self.totals, "batches": self.batches, "seen": self.seen, "shards": self.shards,
+        """This rank's counts and, under several processes, every rank's (``ranks``; a collective: Lightning calls
+        ``save_checkpoint`` on every rank but writes rank 0's dict only, and each rank counts its own batches)."""
+        mine = {"totals": self.totals, "batches": self.batches, "seen": self.seen, "shards": self.shards,
                 "examples": self.examples}  # fmt: skip
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ranks: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(ranks, mine)
+            return {**mine, "ranks": ranks}
+        return mine
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Each rank takes back its own counts. Resumed on another number of ranks, rank 0 takes the sum of all ranks'
+        (so the totals over ranks stay right) and the others start from zero; every rank keeps the batch count, which
+        decides when the collective skip-rate check runs."""
+        ranks = state_dict.get("ranks")
+        live = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if live else (0, 1)
+        if ranks and len(ranks) == world:
+            state_dict = ranks[rank]
+        elif ranks:
+            state_dict = summed(ranks) if rank == 0 else {"batches": state_dict.get("batches", 0)}
         self.totals = merge_skips({}, state_dict.get("totals", {}))
         self.batches = int(state_dict.get("batches", 0))
         self.seen = {k: int(v) for k, v in state_dict.get("seen", {}).items()}
         self.shards = merge_skips({}, state_dict.get("shards", {}))
         self.examples = {k: dict(v) for k, v in state_dict.get("examples", {}).items()}
+
+
+def summed(ranks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several ranks' DataHealthCallback states as one (counts added, the first example of each reason kept)."""
+    out: dict[str, Any] = {key: {} for key in ("totals", "seen", "shards", "examples")}
+    out["batches"] = ranks[0].get("batches", 0)
+    for part in ranks:
+        merge_skips(out["totals"], part.get("totals", {}))
+        merge_skips(out["shards"], part.get("shards", {}))
+        for source, n in part.get("seen", {}).items():
+            out["seen"][source] = out["seen"].get(source, 0) + int(n)
+        for source, ex in part.get("examples", {}).items():
+            for reason, text in ex.items():
+                out["examples"].setdefault(source, {}).setdefault(reason, text)
+    return out
