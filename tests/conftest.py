@@ -19,6 +19,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VISPRIOR_CACHE_DIR", tempfile.mkdtemp(prefix="visprior-cache-"))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`slow` tests (end-to-end runs of minutes) run in CI (`CI=true`, as .ci/run sets) or with `VISPRIOR_SLOW=1`, so a
+    local `make test` stays a few minutes; `-m slow` asks for them explicitly."""
+    wanted = os.environ.get("CI") == "true" or os.environ.get("VISPRIOR_SLOW") == "1" or "slow" in config.option.markexpr
+    if wanted:
+        return
+    skip = pytest.mark.skip(reason="slow: runs in CI (CI=true) or with VISPRIOR_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     random.seed(0)
