@@ -30,6 +30,8 @@ from visprior.data.classification import (
     detect_format,
     image_folder_classes,
 )
+from visprior.data.formats import PairSample
+from visprior.data.shards import write_shards
 
 COLOURS = {"n01440764": (255, 0, 0), "n01443537": (0, 255, 0), "n01484850": (0, 0, 255)}  # ImageNet wnids, sorted
 
@@ -137,8 +139,21 @@ def test_webdataset_cls_shards(tmp_path: Path) -> None:
     pattern = ImageClassificationDataModule(str(shards / "shard-{000000..000001}.tar"), batch_size=2)
     pattern.connect(transform, 3)
     assert next(iter(pattern.train_dataloader()))["labels"].shape == (2,)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+
+
+def test_missing_data_fails_at_construction_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(
+        FileNotFoundError, match=r"data\.train: '.*nowhere' does not exist; expected an existing folder"
+    ):
         ImageClassificationDataModule(str(tmp_path / "nowhere"))
+    train = imagenet_folder(tmp_path / "train", per_class=1)
+    with pytest.raises(FileNotFoundError, match=r"data\.val: '.*gone' does not exist; expected an existing folder"):
+        ImageClassificationDataModule(str(train), str(tmp_path / "gone"))
+    pairs = tmp_path / "pairs"
+    samples = [PairSample(f"s{i}", Image.new("RGB", (8, 8)), "x", {"label": 0}) for i in range(2)]
+    write_shards(samples, pairs, name="pairs", kind="pair")
+    with pytest.raises(FileNotFoundError, match=r"data\.val: '.*gone' does not exist; expected a dataset folder"):
+        ImageClassificationDataModule(str(pairs), str(tmp_path / "gone"))
 
 
 # ---------------------------------------------------------------------------------------------------- augmentation

@@ -10,14 +10,9 @@ import jsonargparse
 import pytest
 import torch
 
+from visprior.models.language import LanguageModelSpec
 from visprior.training.checkpointing import atomic_torch_save
-from visprior.training.validation import (
-    check_checkpoint,
-    check_image_size,
-    check_path_exists,
-    check_remote_code_allowed,
-    check_trust_remote_code,
-)
+from visprior.training.validation import check_checkpoint, check_path_exists, check_remote_code_allowed
 
 
 def test_missing_dataset_names_key_path_and_expectation(tmp_path: Path) -> None:
@@ -56,25 +51,24 @@ def test_checkpoint_complete_truncated_and_missing(tmp_path: Path) -> None:
         check_checkpoint(tmp_path / "gone.ckpt", "init_from[0].path")
 
 
-def test_trust_remote_code_only_when_set(tmp_path: Path) -> None:
-    assert check_trust_remote_code({}, "model") is False
-    assert check_trust_remote_code({"trust_remote_code": True}, "model") is True
-    with pytest.raises(TypeError, match="model.trust_remote_code: expected true or false, got 'false'"):
-        check_trust_remote_code({"trust_remote_code": "false"}, "model")
-    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {"AutoModel": "modeling_x.X"}}))
-    with pytest.raises(PermissionError, match="needs its own Python code"):
+def test_remote_code_refused_unless_trusted_or_a_known_model_type(tmp_path: Path) -> None:
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.X"}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "x_lm", "auto_map": auto_map}))
+    with pytest.raises(PermissionError, match=r"model\.language_model: .* needs its own Python code .*'x_lm'"):
         check_remote_code_allowed(tmp_path, "model.language_model", trust_remote_code=False)
     check_remote_code_allowed(tmp_path, "model.language_model", trust_remote_code=True)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "auto_map": auto_map}))
+    check_remote_code_allowed(tmp_path, "model.language_model", trust_remote_code=False)  # transformers' own Llama
 
 
-def test_image_size_message_names_expected_and_got() -> None:
-    check_image_size(64, 64, 8)
-    with pytest.raises(
-        ValueError, match=r"model\.image_size: the vision tower takes 64x64 images, patch size 8; got 96x96"
-    ):
-        check_image_size(96, 64, 8, key="model.image_size")
-    with pytest.raises(ValueError, match="not a multiple of the tower's patch size 7"):
-        check_image_size(64, 64, 7)
+def test_trust_remote_code_is_a_typed_boolean() -> None:
+    """jsonargparse turns the YAML / CLI string "false" into False and refuses a number: no truthy string reaches
+    transformers."""
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--lm", type=LanguageModelSpec)
+    assert parser.parse_args(['--lm={"path": "x", "trust_remote_code": "false"}']).lm.trust_remote_code is False
+    with pytest.raises(jsonargparse.ArgumentError, match=r"lm\.trust_remote_code"):
+        parser.parse_args(['--lm={"path": "x", "trust_remote_code": 1}'])
 
 
 @dataclasses.dataclass

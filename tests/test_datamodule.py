@@ -78,8 +78,12 @@ def test_setup_takes_tokenizer_and_image_settings_from_the_model(toyworld_dir, t
 
 
 def test_bad_paths_and_changed_config_are_named(toyworld_dir, tokenizer):
-    with pytest.raises(FileNotFoundError, match="no/such/dataset"):
+    with pytest.raises(
+        FileNotFoundError, match=r"data\.sources\[0\]\.path: 'no/such/dataset' does not exist; expected a"
+    ):
         VisionLanguageDataModule([SourceSpec("no/such/dataset")])
+    with pytest.raises(FileNotFoundError, match=r"data\.val_sources\[0\]\.path: '.*toyworld.*' has no manifest\.json"):
+        VisionLanguageDataModule([SourceSpec(str(toyworld_dir / "pairs"))], val_sources=[SourceSpec(str(toyworld_dir))])
     dm = text_data(toyworld_dir, tokenizer)
     state = dm.state_dict()
     other = text_data(toyworld_dir, tokenizer, seq_len=128)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,25 @@ def test_lm_folder_reloads_identically_and_offline(tok_dir: Path, tmp_path: Path
     assert all(c.get("local_files_only") is True and "trust_remote_code" not in c for c in calls)
     ids = torch.tensor([[6, 7, 8, 9]])
     torch.testing.assert_close(reloaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_folder_that_needs_its_own_code_is_refused_unless_trusted(tok_dir: Path, tmp_path: Path) -> None:
+    """Refused naming the config key before transformers runs (it would stop to ask on the terminal); a folder of a type
+    transformers implements that also has an auto_map loads transformers' own class."""
+    model, tok = build_language_model(LanguageModelSpec(config=TINY_LM, tokenizer=str(tok_dir)))
+    model.save_pretrained(tmp_path / "known")
+    tok.save_pretrained(tmp_path / "known")
+    config = json.loads((tmp_path / "known" / "config.json").read_text())
+    auto_map = {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (tmp_path / "known" / "config.json").write_text(json.dumps({**config, "auto_map": auto_map}))
+    reloaded, _ = build_language_model(LanguageModelSpec(path=str(tmp_path / "known")))
+    assert type(reloaded) is type(model)  # no modeling_x.py exists: nothing of the folder's code could have run
+
+    shutil.copytree(tmp_path / "known", tmp_path / "custom")
+    (tmp_path / "custom" / "config.json").write_text(json.dumps({**config, "model_type": "x_lm", "auto_map": auto_map}))
+    with pytest.raises(PermissionError, match=r"model\.text_encoder: '.*custom' needs its own Python code") as err:
+        build_language_model(LanguageModelSpec(path=str(tmp_path / "custom")), "model.text_encoder")
+    assert "'x_lm'" in str(err.value) and "sets model.text_encoder.trust_remote_code: true" in str(err.value)
 
 
 def test_causal_lm_loss_matches_manual_and_is_zero_without_targets() -> None:

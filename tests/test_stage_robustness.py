@@ -466,7 +466,7 @@ BAD_CONFIGS = {
     ),
     "missing dataset": (
         ["--data.init_args.sources=[{path: data/toyworld/nope}]"],
-        ["no manifest.json in data/toyworld/nope"],
+        ["data.sources[0].path: 'data/toyworld/nope' does not exist; expected a dataset folder"],
     ),
     "missing shard": (["--data.init_args.sources=[{path: SHARDLESS}]"], ["pairs-000001.tar"]),
     "missing init_from": (

@@ -38,6 +38,7 @@ from visprior.data.datamodule import EpochWindowLoader, FingerprintedData, requi
 from visprior.data.formats import IMAGE_EXTENSIONS, SampleError, SampleKind, decode_image
 from visprior.data.shards import SkipCounter, iter_samples, iter_shard_members, read_manifest, resolve_shards
 from visprior.data.stream import DataQualityError, ShardStream, Split, TrainStream, _permutation, current_split
+from visprior.training.validation import check_path_exists
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 Format = Literal["auto", "pairs", "wds_cls", "imagefolder"]
@@ -365,16 +366,18 @@ class ImageClassificationDataModule(FingerprintedData, pl.LightningDataModule):
         super().__init__()
         if format not in ("auto", "pairs", "wds_cls", "imagefolder"):
             raise ValueError(f"format must be auto, pairs, wds_cls or imagefolder, got {format!r}")
+        if format == "auto" and ".tar" not in str(train):  # a folder (a shard pattern names no single path)
+            check_path_exists(train, "data.train", "dir")
         self.format = detect_format(train) if format == "auto" else format
-        for path in (train, val):
+        for key, path in (("data.train", train), ("data.val", val)):  # what is missing fails now, naming key and path
             if path is not None and self.format == "pairs":
-                kind = read_manifest(path)["kind"]  # a missing folder or manifest fails now, naming the path
+                kind = read_manifest(check_path_exists(path, key, "dataset"))["kind"]
                 if kind != SampleKind.PAIR.value:
-                    raise ValueError(f"{path} holds {kind} samples; image classification reads pair samples")
+                    raise ValueError(f"{key}: {path} holds {kind} samples; image classification reads pair samples")
             elif path is not None and self.format == "wds_cls":
                 cls_shards(path)  # missing shards fail now, naming them
-            elif path is not None and not Path(path).is_dir():
-                raise FileNotFoundError(f"image folder not found: {path}")
+            elif path is not None:
+                check_path_exists(path, key, "dir")
         self.classes = image_folder_classes(train) if self.format == "imagefolder" else None
         self.train, self.val, self.label_key = train, val, label_key
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

@@ -28,6 +28,7 @@ from visprior.data.packing import Packer, Padder
 from visprior.data.shards import read_manifest
 from visprior.data.stream import ShardStream, TrainStream
 from visprior.data.tokenize import SampleTokenizer
+from visprior.training.validation import check_path_exists
 
 
 @dataclass
@@ -189,8 +190,9 @@ class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
         self.num_image_tokens = 0
         self.rank, self.world_size = 0, 1
         self._train_loader: EpochWindowLoader | None = None
-        for spec in [*self.sources, *self.val_sources]:
-            read_manifest(spec.path)  # a missing folder or manifest fails now, naming the path
+        for group, specs in (("sources", self.sources), ("val_sources", self.val_sources)):
+            for i, spec in enumerate(specs):  # a missing folder or manifest fails now, naming the key and the path
+                read_manifest(check_path_exists(spec.path, f"data.{group}[{i}].path", "dataset"))
 
     # ------------------------------------------------------------------------------------------------ late binding
 
@@ -268,4 +270,3 @@ class VisionLanguageDataModule(FingerprintedData, pl.LightningDataModule):
             "seed": self.seed,
             "world_size": self.world_size,
         }
-

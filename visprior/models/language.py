@@ -68,6 +68,18 @@ def local_folder(path: str | os.PathLike, what: str) -> str:
     return str(p)
 
 
+def model_folder(path: str | os.PathLike, key: str, trust_remote_code: bool) -> str:
+    """`path` as a local HF model folder to load from: it exists (never a hub id), and a folder that needs its own code
+    is refused, naming `key`, unless `trust_remote_code` is set (a folder without config.json, e.g. a GGUF file's, is
+    left to transformers)."""
+    from visprior.training.validation import check_remote_code_allowed  # visprior.training brings Lightning in
+
+    folder = local_folder(path, "language model")
+    if (Path(folder) / "config.json").is_file():
+        check_remote_code_allowed(folder, key, trust_remote_code)
+    return folder
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder (offline)."""
     folder = local_folder(path, "tokenizer")
@@ -139,13 +151,14 @@ def causal_lm_from_config(
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
 
 
-def load_causal_lm(spec: LanguageModelSpec) -> PreTrainedModel:
-    """The LM alone, for uses that need no tokenizer (LM4VE's frozen block); a `config` needs `vocab_size` then."""
+def load_causal_lm(spec: LanguageModelSpec, key: str = "model.language_model") -> PreTrainedModel:
+    """The LM alone, for uses that need no tokenizer (LM4VE's frozen block); a `config` needs `vocab_size` then.
+    `key` is where the spec sits in the run's config, for error messages."""
     if (spec.path is None) == (spec.config is None):
         raise ValueError("LanguageModelSpec needs exactly one of `path` (local HF folder) or `config` (random init)")
     if spec.config is not None:
         return causal_lm_from_config(spec.config, spec.attn_implementation)
-    folder = local_folder(spec.path, "language model")
+    folder = model_folder(spec.path, key, spec.trust_remote_code)
     return AutoModelForCausalLM.from_pretrained(
         folder,
         local_files_only=True,
@@ -156,10 +169,15 @@ def load_causal_lm(spec: LanguageModelSpec) -> PreTrainedModel:
     )
 
 
-def build_language_model(spec: LanguageModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build the LM and its tokenizer; checks the tokenizer encodes `<image>` as one token."""
+def build_language_model(
+    spec: LanguageModelSpec, key: str = "model.language_model"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build the LM and its tokenizer; checks the tokenizer encodes `<image>` as one token. `key` is where the spec sits
+    in the run's config (`model.text_encoder` for the contrastive stage), for error messages."""
     if (spec.path is None) == (spec.config is None):
         raise ValueError("LanguageModelSpec needs exactly one of `path` (local HF folder) or `config` (random init)")
+    if spec.path is not None:  # before the tokenizer, which may come from the same folder
+        model_folder(spec.path, key, spec.trust_remote_code)
     tokenizer_path = spec.tokenizer or spec.path
     if tokenizer_path is None:
         raise ValueError(
@@ -180,7 +198,7 @@ def build_language_model(spec: LanguageModelSpec) -> tuple[PreTrainedModel, PreT
         overrides = {"vocab_size": vocab_size, **special}
         model = causal_lm_from_config(spec.config, spec.attn_implementation, **overrides)
     else:
-        model = load_causal_lm(spec)
+        model = load_causal_lm(spec, key)
     if spec.add_image_token:
         add_image_token(model, tokenizer)
     image_token_id(tokenizer)

@@ -82,7 +82,7 @@ class ContrastivePretraining(Stage):
         vision_tower = coerce(VisionTowerSpec, vision_tower)
         text_encoder = coerce(LanguageModelSpec, text_encoder)
         tower = build_vision_tower(dataclasses.replace(vision_tower, feature_layer=-1))
-        causal_lm, tokenizer = build_language_model(text_encoder)
+        causal_lm, tokenizer = build_language_model(text_encoder, "model.text_encoder")
         text = getattr(causal_lm, causal_lm.base_model_prefix)  # the decoder only: an LM head would train on nothing
         head = ContrastiveHead(tower.hidden_size, text.config.hidden_size, embed_dim, loss)
         model = nn.ModuleDict({"vision_tower": tower, "text_encoder": text, "head": head})

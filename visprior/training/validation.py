@@ -1,4 +1,5 @@
-"""Fail before the first step: checks on paths and settings that the CLI and the stages call while building a run.
+"""Fail before the first step: checks on paths and settings that the CLI, the data modules and the model loaders call
+while building a run (`ckpt_path`, `data.sources[i].path`, `data.train`/`data.val`, a language model folder's code).
 
 A missing shard folder or a truncated checkpoint found hours into a run, after the model was built and the loader
 workers started, costs the allocation; these checks cost milliseconds. Every error names the config key, the value,
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,38 +63,28 @@ def check_checkpoint(path: str | os.PathLike | None, key: str = "ckpt_path") -> 
     return p
 
 
-def check_trust_remote_code(config: Mapping[str, Any], key: str) -> bool:
-    """``trust_remote_code`` is honoured only when the config sets it to the boolean ``true``.
-
-    Strings such as ``"false"`` (truthy in Python) or numbers are refused rather than guessed at.
-    """
-    value = config.get("trust_remote_code", False)
-    if not isinstance(value, bool):
-        raise TypeError(f"{key}.trust_remote_code: expected true or false, got {value!r} ({type(value).__name__})")
-    return value
-
-
 def check_remote_code_allowed(folder: str | os.PathLike, key: str, trust_remote_code: bool) -> None:
-    """A model folder that ships its own code (``auto_map`` in config.json) loads only with trust_remote_code set."""
+    """A model folder that needs its own code loads only with ``trust_remote_code`` set; refused before transformers,
+    which would otherwise stop to ask on the terminal (``input()`` with a 15 s alarm) or fail with a multi-line error.
+
+    The code is needed when config.json has ``auto_map`` and a ``model_type`` transformers does not implement; a folder
+    of a type transformers implements that also ships code (Phi-3 folders keep an `auto_map` for older transformers)
+    loads transformers' own classes and runs none of it.
+    """
     config_path = check_path_exists(folder, key, "hf_model") / "config.json"
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{key}: {config_path} is not valid JSON ({err})") from err
-    if "auto_map" in config and not trust_remote_code:
+    if "auto_map" in config and not trust_remote_code and not _known_model_type(config.get("model_type")):
         raise PermissionError(
-            f"{key}: {str(folder)!r} needs its own Python code (config.json has auto_map); it will not run unless the "
-            f"config sets {key}.trust_remote_code: true"
+            f"{key}: {str(folder)!r} needs its own Python code (config.json has auto_map and model_type "
+            f"{config.get('model_type')!r}, which transformers does not implement); it will not run unless the config "
+            f"sets {key}.trust_remote_code: true"
         )
 
 
-def check_image_size(
-    got: int | tuple[int, int], expected: int, patch_size: int | None = None, key: str = "image_size"
-) -> None:
-    """The image size fed to a vision tower must be the size it was built for (position embeddings are fixed)."""
-    hw = (got, got) if isinstance(got, int) else tuple(got)
-    if hw != (expected, expected):
-        patches = f", patch size {patch_size}" if patch_size else ""
-        raise ValueError(f"{key}: the vision tower takes {expected}x{expected} images{patches}; got {hw[0]}x{hw[1]}")
-    if patch_size and expected % patch_size:
-        raise ValueError(f"{key}: image size {expected} is not a multiple of the tower's patch size {patch_size}")
+def _known_model_type(model_type: Any) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
