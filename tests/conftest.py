@@ -22,7 +22,9 @@ os.environ.setdefault("VISPRIOR_CACHE_DIR", tempfile.mkdtemp(prefix="visprior-ca
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`slow` tests (end-to-end runs of minutes) run in CI (`CI=true`, as .ci/run sets) or with `VISPRIOR_SLOW=1`, so a
     local `make test` stays a few minutes; `-m slow` asks for them explicitly."""
-    wanted = os.environ.get("CI") == "true" or os.environ.get("VISPRIOR_SLOW") == "1" or "slow" in config.option.markexpr
+    wanted = (
+        os.environ.get("CI") == "true" or os.environ.get("VISPRIOR_SLOW") == "1" or "slow" in config.option.markexpr
+    )
     if wanted:
         return
     skip = pytest.mark.skip(reason="slow: runs in CI (CI=true) or with VISPRIOR_SLOW=1")
