@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # CPU machines: the CPU wheel of torch first, so resolving the rest never pulls a CUDA build. GPU users: `make TORCH=torch`.
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
-PRESET ?= toy
+SCALE ?= toy
 
 .PHONY: setup demo test lint bench clean
 
@@ -20,7 +20,7 @@ $(BIN)/visprior: pyproject.toml
 setup: $(BIN)/visprior
 
 demo: setup
-	$(BIN)/python -m visprior.demo --preset $(PRESET)
+	$(BIN)/python -m visprior.demo --scale $(SCALE)
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
