@@ -244,7 +244,9 @@ def build_vision_tower(spec: VisionTowerSpec) -> VisionTower:
     if (spec.path is None) == (spec.config is None):
         raise ValueError("VisionTowerSpec needs exactly one of `path` (local HF folder) or `config` (random init)")
     if spec.config is not None:
-        model = vision_model_from_config(spec.config, spec.image_size)
+        # sized at the config's resolution, like a released tower: `image_size` only changes the input (interpolated
+        # position embeddings), so a tower trained at 64 px initialises one that reads 32 px images
+        model = vision_model_from_config(spec.config)
         image_size = None
     else:
         folder = local_folder(spec.path, "vision tower")
