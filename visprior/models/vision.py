@@ -247,11 +247,9 @@ def build_vision_tower(spec: VisionTowerSpec) -> VisionTower:
         # sized at the config's resolution, like a released tower: `image_size` only changes the input (interpolated
         # position embeddings), so a tower trained at 64 px initialises one that reads 32 px images
         model = vision_model_from_config(spec.config)
-        image_size = None
     else:
         folder = local_folder(spec.path, "vision tower")
         model_cls = _TOWERS[_folder_model_type(folder)][0]
         extra = {"add_pooling_layer": False} if model_cls is ViTModel else {}
         model = model_cls.from_pretrained(folder, local_files_only=True, dtype=torch.float32, **extra)
-        image_size = spec.image_size
-    return VisionTower(model, spec.feature_layer, spec.select, image_size, spec.drop_path)
+    return VisionTower(model, spec.feature_layer, spec.select, spec.image_size, spec.drop_path)
