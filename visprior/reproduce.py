@@ -307,29 +307,14 @@ _RESOLVED: dict[str, dict[str, Any]] = {}
 
 
 def resolve_args(args: list[str]) -> dict[str, Any]:
-    """`visprior.stage_cli.resolve_config(args)`, with its parser built once per process and results memoised by the
-    arguments (building LightningCLI's parser costs more than parsing; arms and recipes share most stage configs)."""
+    """`visprior.stage_cli.resolve_config` for already expanded arguments, its parser built once per process and results
+    memoised by the arguments (building LightningCLI's parser costs more than parsing; arms and recipes share configs)."""
     memo_key = "\0".join(args)
     if memo_key not in _RESOLVED:
         if not _PARSER:
-            from visprior.stage_cli import StageCLI
+            from visprior.stage_cli import parse_only
 
-            class ParseOnly(StageCLI):
-                def before_instantiate_classes(self) -> None:
-                    pass
-
-                def instantiate_classes(self) -> None:
-                    pass
-
-                def _run_subcommand(self, subcommand: str) -> None:
-                    pass
-
-            import warnings
-
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            cli = ParseOnly(subclass_mode_model=True, subclass_mode_data=True, seed_everything_default=0,
-                            auto_configure_optimizers=False, parser_kwargs={"default_env": False, "exit_on_error": False},
-                            args=["fit", *args])  # fmt: skip
+            cli = parse_only(["fit", *args])
             _PARSER.append(cli.parser)
             resolved = cli.config["fit"].as_dict()
         else:

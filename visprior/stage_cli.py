@@ -187,33 +187,39 @@ def check_run_name(logger: Any) -> None:
             )
 
 
+class _ParseOnly(StageCLI):
+    """StageCLI that parses and validates, then stops: no classes instantiated, no subcommand run."""
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        pass
+
+
+def parse_only(args: list[str]) -> StageCLI:
+    """The CLI `visprior <args>` would build, stopped after parsing; `.parser` parses further argument lists."""
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return _ParseOnly(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=0,
+        auto_configure_optimizers=False,
+        parser_kwargs={"default_env": False, "exit_on_error": False},
+        args=args,
+    )
+
+
 def resolve_config(config_args: list[str], subcommand: str = "fit") -> dict[str, Any]:
     """The config `visprior <subcommand> <config_args>` would run: composed, parsed and validated, nothing instantiated.
 
     `config_args` are command-line arguments (`--config X.yaml`, `--trainer.max_steps 5`, ...); `_base_` fragments are
     expanded as the CLI does. Used by `visprior plan` and the recipe runner (whose stage cache hashes this).
     """
-    import warnings
-
     from visprior.config import expand_config_args
 
-    class ParseOnly(StageCLI):
-        def before_instantiate_classes(self) -> None:
-            pass
-
-        def instantiate_classes(self) -> None:
-            pass
-
-        def _run_subcommand(self, subcommand: str) -> None:
-            pass
-
-    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    cli = ParseOnly(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        seed_everything_default=0,
-        auto_configure_optimizers=False,
-        parser_kwargs={"default_env": False, "exit_on_error": False},
-        args=[subcommand, *expand_config_args(list(config_args))],
-    )
+    cli = parse_only([subcommand, *expand_config_args(list(config_args))])
     return cli.config[subcommand].as_dict()
