@@ -92,3 +92,34 @@ def test_likelihood_scoring_picks_planted_answer():
     assert options[::-1][pick_option(scores[1], by="sum")] == "cube"
     assert scores[0][1].num_tokens == 4
     assert abs(scores[0][1].mean_logprob * 4 - scores[0][1].sum_logprob) < 1e-4
+
+
+def _score_from_scratch(model: TinyVLM, prompt: str, option: str, images: list[Image.Image]) -> float:
+    """Reference: prompt + option in one unpadded forward pass, summed log-probability of the option's tokens."""
+    p = encode_prompt(model, prompt)
+    o = model.tokenizer(option, add_special_tokens=False).input_ids
+    ids = torch.tensor([p + o])
+    pv = torch.stack([model.image_transform(i) for i in images]) if images else None
+    logp = torch.log_softmax(model.language_model(inputs_embeds=model.embed(ids, pv)).logits[0].float(), -1)
+    return float(sum(logp[len(p) - 1 + j, t] for j, t in enumerate(o)))
+
+
+def test_cached_prompt_scoring_equals_scoring_each_option_from_scratch():
+    """Prompts of different lengths (left padding), with and without images, options of 1 to several tokens and a varying
+    count per prompt: every batch size gives the from-scratch log-likelihoods."""
+    model = TinyVLM(seed=2)
+    prompts = [
+        chat_prompt("<image>\nwhat colour is it?"),
+        chat_prompt("hi"),
+        chat_prompt("<image> and <image>: which one is larger, the first or the second?"),
+    ]
+    images = [[_img((255, 0, 0))], [], [_img((0, 0, 255)), _img((0, 255, 0))]]
+    options = [[" red", " a dark blue square", " x"], [" yes"], [" the first", " second", " neither of the two", " b"]]
+    want = [[_score_from_scratch(model, p, o, i) for o in opts] for p, opts, i in zip(prompts, options, images)]
+    for batch_size in (1, 3, 8):
+        got = score_options(model, prompts, options, images, batch_size=batch_size)
+        assert [len(g) for g in got] == [3, 1, 4]
+        for g_row, w_row, opts in zip(got, want, options):
+            for g, w, o in zip(g_row, w_row, opts):
+                assert abs(g.sum_logprob - w) < 1e-4, (batch_size, o, g.sum_logprob, w)
+                assert g.num_tokens == len(model.tokenizer(o, add_special_tokens=False).input_ids)

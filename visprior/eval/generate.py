@@ -3,7 +3,7 @@
 Every evaluation goes through here, so every model sees prompts built the same way: ChatML turns, each `<image>` mark expanded
 to `num_image_tokens` image-token ids, all images of a batch passed row-major to `model.embed`. Generation uses transformers'
 own `generate(inputs_embeds=..., attention_mask=...)` with left padding and the KV cache; in transformers 5 it returns only the
-new tokens for decoder-only models. Scoring needs no generation: one forward pass per (prompt, option) pair, right-padded.
+new tokens for decoder-only models. Scoring needs no generation: one forward pass per prompt, its options continuing from the prompt's KV cache.
 """
 
 from __future__ import annotations
@@ -173,40 +173,67 @@ def score_options(
     """For each prompt, the log-likelihood (sum and per-token mean) of each of its options as the continuation.
 
     Options are tokenized on their own and appended to the prompt's ids, so include any leading space in the option text.
+    Each prompt (and its images) runs once, left-padded, and its options continue from its KV cache: a prompt with four
+    options costs one prompt forward, not four. `batch_size` bounds the options per forward (at least one prompt's).
     """
     images = images if images is not None else [[] for _ in prompts]
     device, pad = _device(model), _pad_id(model)
-    pairs = []  # (prompt index, prompt ids, option ids)
-    for i, (text, opts) in enumerate(zip(prompts, options)):
-        _check_images(text, images[i])
+    encoded = []  # (prompt ids, [option ids])
+    for text, opts, imgs in zip(prompts, options, images):
+        _check_images(text, imgs)
         p = encode_prompt(model, text)
         if not p:
             raise ValueError("scoring needs a non-empty prompt (the first option token must have a context)")
-        for opt in opts:
-            o = model.tokenizer(opt, add_special_tokens=False).input_ids
+        ids = [model.tokenizer(opt, add_special_tokens=False).input_ids for opt in opts]
+        for opt, o in zip(opts, ids):
             if not o:
                 raise ValueError(f"option {opt!r} has no tokens")
-            pairs.append((i, p, o))
-    flat: list[OptionScore] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        seqs = [p + o for _, p, o in chunk]
-        width = max(len(s) for s in seqs)
-        input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)  # [B, T]
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-        pv = _pixel_values(model, [images[i] for i, _, _ in chunk], device)
-        logits = model.language_model(inputs_embeds=model.embed(input_ids, pv), attention_mask=attention_mask).logits
-        logp = (
-            F.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        )  # [B, T-1]
-        for row, (_, p, o) in enumerate(chunk):
-            lp = logp[row, len(p) - 1 : len(p) - 1 + len(o)]
-            flat.append(OptionScore(float(lp.sum()), float(lp.mean()), len(o)))
+        encoded.append((p, ids))
     out: list[list[OptionScore]] = []
-    it = iter(flat)
-    for opts in options:
-        out.append([next(it) for _ in opts])
+    start = 0
+    while start < len(encoded):
+        stop, width = start + 1, len(encoded[start][1])
+        while stop < len(encoded) and width + len(encoded[stop][1]) <= batch_size:
+            width += len(encoded[stop][1])
+            stop += 1
+        out.extend(_score_chunk(model, encoded[start:stop], images[start:stop], device, pad))
+        start = stop
     return out
+
+
+def _score_chunk(
+    model: nn.Module,
+    chunk: Sequence[tuple[list[int], list[list[int]]]],
+    images: Sequence[Sequence[Image.Image]],
+    device: torch.device,
+    pad: int,
+) -> list[list[OptionScore]]:
+    lm = model.language_model
+    lengths = [len(p) for p, _ in chunk]
+    w = max(lengths)
+    ids = torch.tensor([[pad] * (w - len(p)) + p for p, _ in chunk], device=device)  # [P, W] left-padded
+    mask = torch.tensor([[0] * (w - n) + [1] * n for n in lengths], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    first = lm(inputs_embeds=model.embed(ids, _pixel_values(model, images, device)), attention_mask=mask,
+               position_ids=positions, use_cache=True)  # fmt: skip
+    first_logp = F.log_softmax(first.logits[:, -1].float(), dim=-1)  # [P, V]: the first option token
+    owner = [i for i, (_, opts) in enumerate(chunk) for _ in opts]
+    opts = [o for _, os in chunk for o in os]
+    rows = torch.tensor(owner, device=device)
+    cache = first.past_key_values
+    cache.batch_select_indices(rows)  # one copy of the prompt's cache per option
+    wo = max(len(o) for o in opts)
+    oids = torch.tensor([o + [pad] * (wo - len(o)) for o in opts], device=device)  # [R, L] right-padded
+    omask = torch.tensor([[1] * len(o) + [0] * (wo - len(o)) for o in opts], device=device)
+    opos = torch.tensor([lengths[i] for i in owner], device=device)[:, None] + torch.arange(wo, device=device)
+    logp = first_logp[rows].gather(-1, oids[:, :1])  # [R, 1]
+    if wo > 1:
+        rest = lm(inputs_embeds=model.embed(oids[:, :-1]), attention_mask=torch.cat([mask[rows], omask[:, :-1]], 1),
+                  position_ids=opos[:, :-1], past_key_values=cache).logits  # fmt: skip
+        logp = torch.cat([logp, F.log_softmax(rest.float(), dim=-1).gather(-1, oids[:, 1:, None]).squeeze(-1)], 1)
+    flat = [OptionScore(float(lp[: len(o)].sum()), float(lp[: len(o)].mean()), len(o)) for lp, o in zip(logp, opts)]
+    it = iter(flat)
+    return [[next(it) for _ in os] for _, os in chunk]
 
 
 def pick_option(scores: Sequence[OptionScore], by: str = "mean") -> int:
