@@ -78,6 +78,20 @@ def test_visprior_eval_command_writes_results(stage_ckpt, toyworld_dir, tmp_path
     assert "MLE-Bench" in capsys.readouterr().out
 
 
+def test_visprior_eval_runs_the_shots_asked_for(stage_ckpt, toyworld_dir, tmp_path, capsys):
+    import json
+
+    from visprior.cli import main
+
+    _, run, _ = stage_ckpt
+    main(["eval", "--checkpoint", str(run), "--tasks", "fewshot", "--shots", "0,2", "--limit", "2",
+          "--data", str(toyworld_dir), "--out", str(tmp_path)])  # fmt: skip
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["tasks"]["fewshot"]["metrics"]) == {"0-shot", "2-shot"}
+    with pytest.raises(SystemExit, match=r"--shots '0,four' is not a comma-separated list of integers"):
+        main(["eval", "--checkpoint", str(run), "--tasks", "fewshot", "--shots", "0,four"])
+
+
 def test_visprior_eval_refuses_an_unknown_task_before_loading(tmp_path, capsys):
     from visprior.cli import main
 

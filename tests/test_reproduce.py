@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from test_recipes import GOOD, REPO, edit, write
 
-from visprior.recipe import load_recipe, load_scale
-from visprior.reproduce import ContentHashes, build_plan, last_step, reproduce, seeds_from
+from visprior.recipe import RecipeError, load_recipe, load_scale
+from visprior.reproduce import ContentHashes, build_plan, eval_command, last_step, reproduce, seeds_from
 
 
 @pytest.fixture
@@ -103,6 +103,22 @@ def test_a_scale_that_replaces_the_checkpoint_reference_drops_the_stage(project:
     plan = plan_of(write(project, edit(GOOD, released)), tmp_path, scale="mini")
     assert plan.order == {"vit": ["classify"], "block": ["classify"]}
     assert plan.run("vit", 0, "classify").upstream == {}
+
+
+def test_fewshot_runs_only_the_shot_counts_the_recipe_reads(tmp_path: Path) -> None:
+    plan = plan_of(REPO / "recipes" / "vila" / "text-reblend-restores-text.yaml", tmp_path)
+    ev = plan.recipe.evaluations["sft"]
+    _, args = eval_command(plan, plan.run("visual", 0, "sft"), ev, tmp_path / "eval")
+    assert args[args.index("--shots") + 1] == "0,4"  # fewshot/0-shot and fewshot/4-shot; no 8-shot column
+    ev.options["shots"] = [8, 0]  # an explicit `options.shots` wins
+    _, args = eval_command(plan, plan.run("visual", 0, "sft"), ev, tmp_path / "eval")
+    assert args[args.index("--shots") + 1] == "8,0"
+
+
+def test_bad_shots_fail_when_the_recipe_loads(project: Path) -> None:
+    bad = edit(GOOD, lambda d: d["evaluations"]["classify"].update(options={"shots": [4, -1]}))
+    with pytest.raises(RecipeError, match=r"evaluations\.classify\.options\.shots: expected a list"):
+        load_recipe(write(project, bad))
 
 
 def test_seeds() -> None:

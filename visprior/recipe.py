@@ -86,7 +86,7 @@ SCALE_KEYS = (
     "eval",
     "toyworld",
 )
-EVAL_OPTION_KEYS = ("data", "limit", "mle_bench", "batch_size")
+EVAL_OPTION_KEYS = ("data", "limit", "mle_bench", "batch_size", "shots")
 CONFIG_GROUPS = ("trainer", "model", "data", "seed_everything", "ckpt_path", "checkpoint", "nonfinite")
 """Top-level keys an override may set: the groups of a `visprior fit` config."""
 MARKS = ("table", "printed on figure", "read off figure", "text")
@@ -311,7 +311,7 @@ class ScaleSpec:
     Base scale files (`recipes/_base/scales/<scale>.yaml`) key their `stages` by stage YAML name (they hold for every
     recipe); a recipe's `scales.<scale>` keys them by the recipe's stage names. `every_stage` entries are fragment files
     or override mappings applied to every stage; `paths` maps toy-world folders (relative to the project root) to the
-    folders used instead; `eval` holds `visprior eval` options (`data`, `limit`, `mle_bench`, `batch_size`); `toyworld`
+    folders used instead; `eval` holds `visprior eval` options (`data`, `limit`, `mle_bench`, `batch_size`, `shots`); `toyworld`
     (`{preset, seed}`) asks the runner to generate the toy world when it is missing; `gpus` is the world size the plan
     assumes when the trainer says `devices: auto`.
     """
@@ -597,6 +597,13 @@ def load_recipe(path: str | Path) -> Recipe:
         if CLASSIFY_TASK in tasks and len(tasks) > 1:
             check.fail(f"{key}.tasks", f"{CLASSIFY_TASK!r} evaluates a classifier and goes alone")
         options = check.mapping(spec.get("options") or {}, f"{key}.options", EVAL_OPTION_KEYS)
+        shots = options.get("shots")
+        if shots is not None and not (
+            isinstance(shots, list) and shots and all(isinstance(k, int) and k >= 0 for k in shots)
+        ):
+            check.fail(
+                f"{key}.options.shots", f"expected a list of in-context example counts like [0, 4], got {shots!r}"
+            )
         metrics = {}
         for mname, m in check.mapping(spec.get("metrics"), f"{key}.metrics").items():
             metrics[mname] = _metric(check, f"{key}.metrics.{mname}", mname, stage, tasks, m)

@@ -706,7 +706,15 @@ def run_stage(plan: Plan, run: StageRun, prefix: str, launch: Launch) -> tuple[s
 
 
 def eval_options(plan: Plan, ev: EvaluationSpec) -> dict[str, Any]:
-    return {**plan.scale.eval, **ev.options}
+    """The scale's evaluation options under the recipe's. `fewshot` runs only the shot counts the recipe's metrics read
+    (`fewshot/4-shot` -> 4) unless `shots` is given: a prompt with k examples carries k + 1 images, so an unread 8-shot
+    column would be most of the evaluation's time."""
+    options = {**plan.scale.eval, **ev.options}
+    if "fewshot" in ev.tasks and options.get("shots") is None:
+        read = {src.split("/")[1] for m in ev.metrics.values() for src in m.sources if src.startswith("fewshot/")}
+        if read:
+            options["shots"] = sorted(int(name.removesuffix("-shot")) for name in read)
+    return options
 
 
 def eval_command(plan: Plan, run: StageRun, ev: EvaluationSpec, out: Path) -> tuple[str, list[str]]:
@@ -722,6 +730,9 @@ def eval_command(plan: Plan, run: StageRun, ev: EvaluationSpec, out: Path) -> tu
     for key in ("mle_bench", "batch_size"):
         if options.get(key):
             args += [f"--{key}", str(options[key])]
+    if options.get("shots") is not None:  # a YAML list [0, 4] or a string "0,4"
+        shots = options["shots"]
+        args += ["--shots", ",".join(str(k) for k in shots) if isinstance(shots, list) else str(shots)]
     return "visprior.cli", args
 
 

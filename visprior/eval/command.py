@@ -18,6 +18,7 @@ def evaluate_checkpoint(
     limit: int | None = None,
     mle_bench: str | None = None,
     batch_size: int = 8,
+    shots: str = "0,4,8",
     seed: int = 0,
     model_name: str | None = None,
     vision_tower: str | None = None,
@@ -33,11 +34,20 @@ def evaluate_checkpoint(
         limit: at most this many items per task.
         mle_bench: a local MLE-Bench copy (imagefolder + metadata.jsonl, parquet files, or a save_to_disk folder).
         batch_size: prompts per generation batch.
+        shots: comma-separated in-context example counts for `fewshot`.
         seed: for sampled shots and bootstrap intervals.
         model_name: name recorded in results.json; default the checkpoint path.
         vision_tower: local tower folder for an original LLaVA checkpoint whose mm_vision_tower is a hub id.
     """
     names = parse_tasks(tasks)  # a typo fails before the model is loaded
+    try:
+        shot_counts = tuple(int(k) for k in str(shots).split(","))
+    except ValueError:
+        raise SystemExit(
+            f"visprior eval: --shots {shots!r} is not a comma-separated list of integers (e.g. 0,4,8)"
+        ) from None
+    if any(k < 0 for k in shot_counts):
+        raise SystemExit(f"visprior eval: --shots {shots!r} has a negative count")
     try:
         ckpt = resolve_checkpoint(checkpoint)
         default_out = ckpt.parent.parent / "eval"
@@ -46,7 +56,7 @@ def evaluate_checkpoint(
         default_out = Path("runs") / "eval" / ckpt.resolve().name
     out_dir = Path(out) if out else default_out
     model = load_vlm(ckpt, vision_tower=vision_tower)
-    options = EvalOptions(limit=limit, batch_size=batch_size, seed=seed, mle_bench_path=mle_bench)
+    options = EvalOptions(limit=limit, batch_size=batch_size, seed=seed, shots=shot_counts, mle_bench_path=mle_bench)
     doc = evaluate(
         model, names, data, out_dir, model_name=model_name or str(ckpt), checkpoint=str(ckpt), options=options
     )
