@@ -289,3 +289,63 @@ def test_reproduce_and_report_are_listed_in_the_help(capsys) -> None:
     main(["--help"])
     out = capsys.readouterr().out
     assert "reproduce RECIPE" in out and "report DIR" in out
+
+
+def test_a_scale_rewires_one_arm_alone(project: Path) -> None:
+    """`scales.<scale>.arms.<arm>.<stage>.init_from`: an arm that loads the toy tower loads nothing where the tower is a
+    released encoder, and the other arms keep the stage's wiring."""
+
+    def rewire(d: dict) -> None:
+        d["stages"]["classify"]["init_from"] = {"text-pretrain": ["vision_tower"]}
+        d["scales"]["mini"] = {"arms": {"block": {"classify": {"init_from": {}}}}}
+
+    text = edit(GOOD, rewire)
+    recipe = load_recipe(write(project, text))
+    toy, mini = load_scale(recipe, "toy"), load_scale(recipe, "mini")
+    assert recipe.wiring("classify", "block", toy) == {"text-pretrain": ["vision_tower"]}
+    assert recipe.wiring("classify", "block", mini) == {}
+    assert recipe.wiring("classify", "vit", mini) == {"text-pretrain": ["vision_tower"]}
+    bad = edit(text, lambda d: d["scales"]["mini"]["arms"]["block"]["classify"].update(init_from={"x": "tower"}))
+    with pytest.raises(RecipeError, match=r"scales\.mini\.arms\.block\.classify\.init_from\.x: expected a list"):
+        load_scale(load_recipe(write(project, bad)), "mini")
+
+
+def test_the_runner_writes_the_counting_task_a_recipe_reads(project: Path, toyworld_dir: Path, tmp_path: Path) -> None:
+    """data/toyworld/count is derived from the toy world's scenes: written before the plan is keyed, never listed as
+    missing where the runner generates the toy world, listed where it does not (mini)."""
+    import json
+
+    from visprior.reproduce import Plan, ensure_derived_tasks
+
+    world = project / "data" / "toyworld"
+    world.mkdir(parents=True)
+    for child in toyworld_dir.iterdir():
+        if child.name != "count":
+            os.symlink(child, world / child.name)
+    count = {"data.init_args": {"train": "data/toyworld/count/train", "val": "data/toyworld/count/test"}}
+    recipe = load_recipe(write(project, edit(GOOD, lambda d: d["arms"]["block"]["classify"].update(count))))
+    toy, mini = load_scale(recipe, "toy"), load_scale(recipe, "mini")
+
+    def missing(scale) -> dict[str, str]:
+        plan = build_plan(recipe, scale, None, [0], tmp_path / "o", tmp_path / "c", ContentHashes(tmp_path / "h.json"))
+        return missing_inputs(plan)
+
+    assert str(world / "count" / "train") not in missing(toy)
+    assert str(world / "count" / "train") in missing(mini)
+    ensure_derived_tasks(Plan(recipe, mini, [], [], tmp_path / "o", tmp_path / "c"))
+    assert not (world / "count").exists(), "only where the runner generates the toy world"
+    ensure_derived_tasks(Plan(recipe, toy, [], [], tmp_path / "o", tmp_path / "c"))
+    scenes = json.loads((world / "pairs" / "manifest.json").read_text())["num_samples"]
+    task = json.loads((world / "count" / "task.json").read_text())
+    assert (task["train"], task["test"]) == (scenes - scenes // 6, scenes // 6)
+    assert sorted((world / "count" / "train").glob("*.tar")) and sorted((world / "count" / "test").glob("*.tar"))
+
+
+def test_smoke_is_two_steps_whatever_the_toy_budget(project: Path, tmp_path: Path) -> None:
+    """A recipe whose toy scale sets its own steps (the real-cpu recipes) still runs two steps per stage at smoke."""
+    text = edit(GOOD, lambda d: d["scales"].update(toy={"stages": {"classify": {"trainer.max_steps": 150}}}))
+    recipe = load_recipe(write(project, text))
+    for scale, steps in (("toy", 150), ("smoke", 2)):
+        plan = build_plan(recipe, load_scale(recipe, scale), ["block"], [0], tmp_path / "o", tmp_path / "c",
+                          ContentHashes(tmp_path / "h.json"))  # fmt: skip
+        assert plan.run("block", 0, "classify").resolved["trainer"]["max_steps"] == steps, scale

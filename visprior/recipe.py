@@ -29,8 +29,9 @@ The format (every key is checked; an unknown one is an error naming the file tha
                                  read off figure | text
     claims:                      [{metric, compare: [a, b] (a - b), direction: increase | decrease | none, tolerance,
                                    paper (the paper's a - b; computed from `reported` when both are there), statement}]
-    scales: {toy: ..., mini: ..., paper: ...}   each {use, seeds, every_stage, stages, paths, eval} on top of
-                                 recipes/_base/scales/<scale>.yaml (see `ScaleSpec`)
+    scales: {toy: ..., mini: ..., paper: ...}   each {use, seeds, every_stage, stages, arms, paths, eval} on top of
+                                 recipes/_base/scales/<scale>.yaml (see `ScaleSpec`); a recipe may add scales of its own
+                                 (`real-cpu`), each also on top of its base file when there is one
     notes: shown in the report
 
 A stage runs in an arm only when an evaluated stage needs it (through `init_from` or a `${checkpoint:<stage>}` value), so
@@ -38,10 +39,11 @@ an arm that re-wires `sft` to start from `blind-sft` runs that extra stage and t
 
 For one stage in one arm at one scale the config is composed in this order, later layers winning:
 the stage YAML, the recipe stage's `overrides`, the base scale file (`every_stage`, then `stages.<stage YAML name>`), the
-recipe's `scales.<scale>` (`every_stage`, then `stages.<stage name>`), the arm, and last what the runner sets (run folder,
-seed, `init_from` paths). A mapping-typed value (`trainable`) is replaced whole, a spec (`connector`) merges field by
-field, a list (`sources`) is replaced whole, as jsonargparse merges repeated `--config`. Values follow the stage YAMLs'
-path rules (`visprior.config`): relative paths are relative to the project root, `.yaml` references are inlined. A scale's
+recipe's `scales.<scale>` (`every_stage`, then `stages.<stage name>`), the arm (then the scale's section for it; at
+`--scale smoke`, smoke.yaml), and last what the runner sets (run folder, seed, `init_from` paths). A mapping-typed
+value (`trainable`) is replaced whole, a spec (`connector`) merges field by field, a list (`sources`) is replaced whole,
+as jsonargparse merges repeated `--config`. Values follow the stage YAMLs' path rules (`visprior.config`): relative
+paths are relative to the project root, `.yaml` references are inlined. A scale's
 `paths` then rewrite toy-world folders into the datasets that stand in for them at that scale (`data/toyworld/pairs:
 data/coyo_25m`), so arms written once run at every scale.
 """
@@ -327,6 +329,12 @@ class ScaleSpec:
     """arm -> stage -> layers applied after the arm's own: what an arm changes differently at this scale (a recipe's
     `scales.<scale>.arms`; e.g. MM1's token counts are 16 / 64 in the toy world and 64 / 144 at paper scale)."""
     init_from: dict[str, dict[str, list[str] | None]] = field(default_factory=dict)
+    after_arms: list[Layer] = field(default_factory=list)
+    """Layers on every stage after the arms' own: `--scale smoke`'s two steps, whatever budget the recipe's toy scale
+    or an arm sets."""
+    arm_init_from: dict[str, dict[str, dict[str, list[str] | None]]] = field(default_factory=dict)
+    """arm -> stage -> where the stage starts from in that arm at this scale (`scales.<scale>.arms.<arm>.<stage>.
+    init_from`: e.g. an arm that loads the toy tower from `classify` loads nothing where the tower is released)."""
     paths: dict[str, str] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)
     toyworld: dict[str, Any] | None = None
@@ -364,10 +372,12 @@ class Recipe:
     # -------------------------------------------------------------------------------------------- per arm
 
     def wiring(self, stage: str, arm: str, scale: ScaleSpec) -> dict[str, list[str] | None]:
-        """The stage's `init_from` after the scale and the arm re-wired it (the last one that says wins)."""
+        """The stage's `init_from` after the scale, the arm and the scale's section for the arm re-wired it (the last
+        one that says wins)."""
         wiring = self.stages[stage].init_from
         wiring = scale.init_from.get(stage, wiring)
-        return self.arms[arm].init_from.get(stage, wiring)
+        wiring = self.arms[arm].init_from.get(stage, wiring)
+        return scale.arm_init_from.get(arm, {}).get(stage, wiring)
 
     def dependencies(self, stage: str, arm: str, scale: ScaleSpec, resolved: dict[str, Any] | None = None) -> list[str]:
         """The stages `stage` starts from: its `init_from` wiring, and every `${checkpoint:NAME}` its config still holds
@@ -422,7 +432,7 @@ class Recipe:
         if overrides:
             out.append(Layer(self.origin.of(f"arms.{arm}.{stage}"), f"arms.{arm}.{stage}",
                              content=self._resolved(overrides, f"arms.{arm}.{stage}")))  # fmt: skip
-        return out + scale.by_arm.get(arm, {}).get(stage, [])
+        return out + scale.by_arm.get(arm, {}).get(stage, []) + scale.after_arms
 
     def _resolved(self, content: dict[str, Any], where: str) -> dict[str, Any]:
         origin = self.origin.of(where)
@@ -802,8 +812,13 @@ def _apply_section(
         for stage, value in check.mapping(per_stage, key).items():
             if stage not in stages:
                 check.fail(f"{key}.{stage}", f"not a stage of this recipe ({', '.join(stages)})")
-            layers = _scale_layers(check, value, f"{key}.{stage}", source.of(f"{key}.{stage}"))
-            scale.by_arm.setdefault(arm, {}).setdefault(stage, []).extend(layers)
+            value = dict(check.mapping(value, f"{key}.{stage}"))
+            if "init_from" in value:
+                wiring = check.init_from(value.pop("init_from") or {}, f"{key}.{stage}.init_from")
+                scale.arm_init_from.setdefault(arm, {})[stage] = wiring
+            if value:
+                layers = _scale_layers(check, value, f"{key}.{stage}", source.of(f"{key}.{stage}"))
+                scale.by_arm.setdefault(arm, {}).setdefault(stage, []).extend(layers)
     root = project_root(origin)
     for src, dst in check.mapping(section.get("paths") or {}, f"{prefix}paths").items():
         scale.paths[str(absolute(root / src))] = str(absolute(root / check.text(dst, f"{prefix}paths.{src}")))
@@ -838,8 +853,9 @@ def load_scale_file(
 
 
 SMOKE = "smoke"
-"""`--scale smoke`: the recipe's toy scale with recipes/_base/scales/smoke.yaml on every stage (two steps, tiny batches),
-one seed and at most 16 items per evaluation task: what the tests run end to end."""
+"""`--scale smoke`: the recipe's toy scale with recipes/_base/scales/smoke.yaml on every stage after everything else
+(two steps, tiny batches, even where the recipe's toy scale sets its own budget), one seed and at most 16 items per
+evaluation task: what the tests run end to end."""
 
 
 def load_scale(recipe: Recipe, name: str) -> ScaleSpec:
@@ -850,7 +866,7 @@ def load_scale(recipe: Recipe, name: str) -> ScaleSpec:
         scale = load_scale(recipe, "toy")
         scale.name, scale.seeds = SMOKE, 1
         smoke = scales_dir / "smoke.yaml"
-        scale.every_stage.append(Layer(smoke, "smoke scale", file=smoke))
+        scale.after_arms.append(Layer(smoke, "smoke scale", file=smoke))
         scale.eval["limit"] = 16
         scale.toyworld = {"preset": "smoke", "seed": 0}
         return scale

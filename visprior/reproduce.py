@@ -517,6 +517,8 @@ def missing_inputs(plan: Plan) -> dict[str, str]:
     out: dict[str, str] = {}
     for run in plan.runs:
         for key, path in input_paths(run.resolved).items():
+            if derived_task(path, plan) and (eval_data(plan) / "pairs").is_dir():
+                continue  # written by the runner from the toy world (ensure_derived_tasks)
             if not os.path.exists(path) and path not in out:
                 out[path] = f"stage {run.stage}, {key}"
     ev = eval_data(plan)
@@ -524,6 +526,42 @@ def missing_inputs(plan: Plan) -> dict[str, str]:
     if needs_data and not ev.exists():
         out.setdefault(str(ev), "evaluation data (the scale's eval.data)")
     return out
+
+
+DERIVED_TASKS = ("count",)
+"""Toy-world folders the runner writes itself, from the toy world's own shards, when a plan reads them: `count` (object
+counts of the pair scenes as `cls` shards, visprior/data/toyworld/counting.py)."""
+
+
+def derived_task(path: str | Path, plan: Plan) -> str | None:
+    """The derived toy-world task `path` lies in (at a scale that generates the toy world), else None."""
+    if not plan.scale.toyworld:
+        return None
+    world, p = eval_data(plan), absolute(path)
+    return next((name for name in DERIVED_TASKS if p == world / name or world / name in p.parents), None)
+
+
+def ensure_derived_tasks(plan: Plan) -> None:
+    """Before the plan is keyed (a stage's key hashes its data): write the derived toy-world tasks the recipe's stages
+    read and the toy world lacks (`count`: a sixth of the scenes held out)."""
+    r, wanted = plan.recipe, set()
+
+    def visit(value: str, key: str) -> str:
+        if os.path.isabs(value):
+            wanted.add(derived_task(value, plan))
+        return value
+
+    for arm in r.arms:
+        for stage in r.stages:
+            for layer in r.layers(stage, arm, plan.scale):
+                _walk(layer.content or {}, visit)
+    world = eval_data(plan)
+    if "count" in wanted and not (world / "count" / "task.json").is_file():
+        from visprior.data.toyworld.counting import write_counting_task
+
+        scenes = int(json.loads((world / "pairs" / "manifest.json").read_text())["num_samples"])
+        print(f"[reproduce] writing the counting task into {world / 'count'} ({scenes} scenes)", flush=True)
+        write_counting_task(world / "pairs", world / "count", train=scenes - scenes // 6, test=scenes // 6)
 
 
 def eval_data(plan: Plan) -> Path:
@@ -897,7 +935,8 @@ def reproduce(
 
     Args:
         recipe: a recipe file, or `<paper>/<finding>` under recipes/ (e.g. vila/interleaved-beats-pairs).
-        scale: toy | mini | paper (the recipe's scales), smoke (toy at two steps per stage), or a scale file.
+        scale: toy | mini | paper, a scale the recipe adds (real-cpu), smoke (toy at two steps per stage), or a scale
+            file.
         arms: comma-separated arms to run (default: all).
         seeds: how many seeds (3 = seeds 0, 1, 2) or a list (0,4,7); default: the scale's (toy: 3).
         out: folder for results.json, report.md, plots and links to the runs (default: runs/<paper>/<finding>).
@@ -920,6 +959,7 @@ def reproduce(
     chosen = [a.strip() for a in arms.split(",") if a.strip()] if arms else None
     if not dry_run:
         ensure_toyworld(Plan(r, s, [], [], out_dir, cache_dir))
+        ensure_derived_tasks(Plan(r, s, [], [], out_dir, cache_dir))
     plan = build_plan(r, s, chosen, seed_list, out_dir, cache_dir, hashes)
     if dry_run:
         print(describe_plan(plan))
