@@ -1,8 +1,11 @@
 """`make demo` end to end: the main job's recipe at toy scale, one seed, through `visprior reproduce`.
 
-It asserts the result's structure only. No learned number is asserted until one has held on at least three seeds: a toy
-result is one draw, and the same seed trains to different numbers on different CPUs. It takes tens of minutes on the
-2-core CPU machine, so it runs in CI (`CI=true`, as `.ci/run` sets) or with `VISPRIOR_SLOW=1`.
+It checks the result's structure, and of the learned numbers only the one that held on every seed tried: the re-blend
+arm's text QA above the visual arm's. On an Intel Xeon (AMX) (stages trained at 391bafa, evaluated at 0e38543) the gap was +2.0 / +4.0 / +1.7 points on seeds
+0 / 1 / 2 (800 items; seed 0 gave the same +2.0 in CI on its host), so a gap above 0 is asserted, nothing tighter. VQA
+(2 of 3 seeds) and MLE-Bench (chance on all three) are reported, never asserted. The run takes tens of minutes on 2
+cores (47 min in CI before the evaluation got faster), so it is `long`: it runs with `VISPRIOR_LONG=1` or `-m long`, not
+in CI, which runs the same recipe end to end at smoke size (tests/test_recipes.py).
 """
 
 from __future__ import annotations
@@ -43,3 +46,4 @@ def test_demo_recipe_at_toy_scale(tmp_path: Path) -> None:
         for name, metric in metrics.items():  # results.json holds display units: accuracies in %, so in [0, 100]
             assert metric.unit == "%", name
             assert m[arm][name]["n"] > 0 and 0.0 <= m[arm][name]["value"] <= 100.0, (arm, name)
+    assert m["reblend"]["text_qa"]["value"] > m["visual"]["text_qa"]["value"]
