@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from visprior.eval.information_filtering import (
     auroc,
@@ -63,11 +64,12 @@ def test_every_point_of_an_lm4ve_classifier() -> None:
         pool="cls",
     )
     model = build_frozen_block_classifier(spec)
+    model.frozen_block.norm = LlamaRMSNorm(64)  # as with a loaded final norm: `llm_out` must be read before it
     result = information_filtering(model, masked_shapes(10, seed=1), batch_size=4)
     assert set(result) == {"before", "llm_in", "llm_out", "after"}
     for point in result.values():
         assert point["auroc"]["n"] >= 8 and 0.0 <= point["auroc"]["mean"] <= 1.0  # images with an object patch
-        assert point["object_share"]["ci95"] > 0
+        assert point["object_share"]["ci95"] > 1e-3  # varies across images (after a norm it would not)
     assert not any(m._forward_hooks for m in model.modules())  # the taps are removed afterwards
     plain = FrozenBlockClassifierSpec(VisionTowerSpec(config=vit, feature_layer=-1, select="cls_patch"), 8,
                                       FrozenBlockSpec("none"), pool="cls")  # fmt: skip

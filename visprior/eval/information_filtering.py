@@ -8,7 +8,8 @@ each patch token is labelled object or background (at least half its area covere
 (CLS excluded) is read at several points of the classifier:
 
 - `before`: the ViT's output, which enters the block; `after`: the block module's output (adapters included), which the
-  head reads; for the LLM block also `llm_in` (after the first adapter) and `llm_out` (after the block and its norm).
+  head reads; for the LLM block also `llm_in` (after the first adapter) and `llm_out` (the block's output, before its
+  final norm: after an RMS norm every token has nearly the same magnitude, so there it would say nothing).
 
 Per image: `object_share` = the share of total magnitude on object patches divided by the share of object patches (1 =
 no preference, > 1 = concentrated on the object); `auroc` = the probability that an object patch outranks a background
@@ -129,7 +130,7 @@ def _taps(model: FrozenBlockClassifier) -> tuple[dict[str, torch.Tensor], list[A
         handles.append(block.register_forward_hook(keep("after")))
         if isinstance(block, LLMBlockAdapter):
             handles.append(block.adapter_in.register_forward_hook(keep("llm_in")))
-            handles.append(block.adapter_out.register_forward_hook(keep("llm_out", use_input=True)))
+            handles.append(block.norm.register_forward_hook(keep("llm_out", use_input=True)))
     return seen, handles
 
 
