@@ -746,7 +746,7 @@ def run_stage(plan: Plan, run: StageRun, prefix: str, launch: Launch) -> tuple[s
 def eval_options(plan: Plan, ev: EvaluationSpec) -> dict[str, Any]:
     """The scale's evaluation options under the recipe's. `fewshot` runs only the shot counts the recipe's metrics read
     (`fewshot/4-shot` -> 4) unless `shots` is given: a prompt with k examples carries k + 1 images, so an unread 8-shot
-    column would be most of the evaluation's time."""
+    column would be most of fewshot's time."""
     options = {**plan.scale.eval, **ev.options}
     if "fewshot" in ev.tasks and options.get("shots") is None:
         read = {src.split("/")[1] for m in ev.metrics.values() for src in m.sources if src.startswith("fewshot/")}
@@ -935,8 +935,8 @@ def reproduce(
 
     Args:
         recipe: a recipe file, or `<paper>/<finding>` under recipes/ (e.g. vila/interleaved-beats-pairs).
-        scale: toy | mini | paper, a scale the recipe adds (real-cpu), smoke (toy at two steps per stage), or a scale
-            file.
+        scale: toy | mini | paper, a scale the recipe adds under `scales:`, smoke (toy at two steps per stage), or a
+            scale file.
         arms: comma-separated arms to run (default: all).
         seeds: how many seeds (3 = seeds 0, 1, 2) or a list (0,4,7); default: the scale's (toy: 3).
         out: folder for results.json, report.md, plots and links to the runs (default: runs/<paper>/<finding>).
