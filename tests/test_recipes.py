@@ -37,6 +37,32 @@ FINDINGS = {  # issue 10, section 5: the recipes visprior ships
 }
 
 
+REAL_WEIGHTS = ("recipes/_base/models/smollm2-135m", "recipes/_base/models/smollm2-block.yaml")
+"""Model fragments that read SmolLM2-135M's materialised folder, `checkpoints/smollm2-135m` (issue 14)."""
+EXTRA_SCALES = [(p, s) for p in RECIPES for s in load_recipe(p).scale_sections if s not in SCALES]
+"""(recipe, scale) for the scales a recipe adds to toy, mini and paper (`real-cpu`)."""
+
+
+def needs_real_weights(path: Path) -> bool:
+    return any(ref in path.read_text() for ref in REAL_WEIGHTS)
+
+
+def real_weights_or_skip(request: pytest.FixtureRequest, path: Path, root: Path) -> None:
+    """For a recipe on SmolLM2's real weights: skip without the `real` extra, as every real-weights test does (the
+    `smollm2_dir` fixture, which materialises the folder once otherwise); `root/checkpoints/smollm2-135m` is it."""
+    if not needs_real_weights(path):
+        return
+    folder = request.getfixturevalue("smollm2_dir")
+    target = root / "checkpoints" / "smollm2-135m"
+    if not target.exists() and root != REPO:
+        target.parent.mkdir(exist_ok=True)
+        os.symlink(folder, target)
+    if not target.is_dir():
+        pytest.skip(
+            f"real-weights recipe: it reads {target}, but the materialised folder is {folder} (VISPRIOR_CHECKPOINTS)"
+        )
+
+
 def needs_missing_switch(path: Path) -> str | None:
     """The reason a recipe cannot resolve yet: it uses a stage argument the landed stages do not have."""
     from visprior.stages import VisionLanguagePretraining
@@ -57,8 +83,9 @@ def test_every_finding_has_its_recipe() -> None:
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_recipe_opens_with_its_command_and_cites_its_paper(path: Path) -> None:
     first = path.read_text().splitlines()[0]
-    assert first == f"# visprior reproduce {path.parent.name}/{path.stem} --scale toy", first
     recipe = load_recipe(path)
+    scale = "real-cpu" if "real-cpu" in recipe.scale_sections else "toy"  # a real-weights recipe opens with its CPU run
+    assert first == f"# visprior reproduce {path.parent.name}/{path.stem} --scale {scale}", first
     assert recipe.citation["title"], f"{recipe.paper}: no CITATION.cff reference with {PAPERS[recipe.paper]}"
     assert recipe.claims and recipe.arms and recipe.evaluations
     for claim in recipe.claims:
@@ -71,9 +98,10 @@ def test_recipe_opens_with_its_command_and_cites_its_paper(path: Path) -> None:
 
 @pytest.mark.parametrize("scale", [s if s == "toy" else pytest.param(s, marks=pytest.mark.slow) for s in SCALES])
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_recipe_resolves_and_dry_runs(path: Path, scale: str, tmp_path: Path, capsys) -> None:
+def test_recipe_resolves_and_dry_runs(path: Path, scale: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     if reason := needs_missing_switch(path):
         pytest.skip(reason)
+    real_weights_or_skip(request, path, REPO)
     recipe = load_recipe(path)
     s = load_scale(recipe, scale)
     seeds = list(range(s.seeds))
@@ -89,7 +117,8 @@ def test_recipe_resolves_and_dry_runs(path: Path, scale: str, tmp_path: Path, ca
     for stage in {r.stage for r in plan.runs}:
         assert stage in text
     if scale == "toy":
-        assert s.seeds == 3 and "tokens" in text
+        # every stage's budget is counted (a classifier-only recipe's in images)
+        assert s.seeds == 3 and re.search(r"\d[KMBT]? (tokens|images)\b", text), text
         if (REPO / "data" / "toyworld" / "tokenizer" / "tokenizer.json").exists():
             assert not missing_inputs(plan), missing_inputs(plan)
         # a stage no arm changes, starting only from such stages, is one run per seed shared by every arm
@@ -107,6 +136,27 @@ def test_recipe_resolves_and_dry_runs(path: Path, scale: str, tmp_path: Path, ca
         assert "do not exist" in text
 
 
+@pytest.mark.parametrize(("path", "scale"), EXTRA_SCALES, ids=lambda x: x if isinstance(x, str) else x.stem)
+def test_a_recipes_own_scale_dry_runs_in_its_budget(path: Path, scale: str, request: pytest.FixtureRequest, tmp_path):
+    """`real-cpu` (issue 14): one seed, every input present once the toy world is generated, the budget its notes
+    estimate at under an hour; with the toy scale's budget, its stages are the toy scale's seed-0 runs (same keys)."""
+    real_weights_or_skip(request, path, REPO)
+    recipe = load_recipe(path)
+    s, toy = load_scale(recipe, scale), load_scale(recipe, "toy")
+    assert s.seeds == 1 and s.toyworld == toy.toyworld and "ESTIMATE" in recipe.notes, "its notes give the time"
+    plan = build_plan(recipe, s, None, [0], tmp_path / "o", tmp_path / "c", ContentHashes(tmp_path / "h.json"))
+    text = describe_plan(plan)
+    assert f"at scale {scale}: {len(recipe.arms)} arm(s) x 1 seed(s)" in text
+    if (REPO / "data" / "toyworld" / "tokenizer" / "tokenizer.json").exists():
+        assert not missing_inputs(plan), missing_inputs(plan)
+    if recipe.scale_sections[scale] == recipe.scale_sections["toy"]:  # the same budget: the toy scale's seed-0 runs
+        same = build_plan(recipe, toy, None, [0], tmp_path / "o", tmp_path / "c", ContentHashes(tmp_path / "h.json"))
+        assert {r.key for r in plan.runs} == {r.key for r in same.runs}
+    for run in plan.runs:
+        steps = run.resolved["trainer"]["max_steps"]
+        assert 0 < steps <= 300, (run.arm, run.stage, steps)
+
+
 @pytest.fixture(scope="module")
 def smoke_root(tmp_path_factory: pytest.TempPathFactory, toyworld_dir: Path, tokenizer_dir: Path) -> Path:
     """A project root over the real recipes and the smoke toy world, with one stage cache for every recipe."""
@@ -120,7 +170,7 @@ def smoke_root(tmp_path_factory: pytest.TempPathFactory, toyworld_dir: Path, tok
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
-def test_recipe_runs_end_to_end_at_smoke_size(path: Path, smoke_root: Path) -> None:
+def test_recipe_runs_end_to_end_at_smoke_size(path: Path, smoke_root: Path, request: pytest.FixtureRequest) -> None:
     """Every arm's stages, the evaluations and the report, at two steps per stage; the cache is shared by the recipes,
     so what one recipe trained another reuses (the point of the cache, and what keeps this test affordable)."""
     import json
@@ -129,6 +179,7 @@ def test_recipe_runs_end_to_end_at_smoke_size(path: Path, smoke_root: Path) -> N
 
     if reason := needs_missing_switch(path):
         pytest.skip(reason)
+    real_weights_or_skip(request, path, smoke_root)
     name = f"{path.parent.name}/{path.stem}"
     out = smoke_root / "out" / name
     report = reproduce(str(smoke_root / "recipes" / path.parent.name / path.name), scale="smoke", out=str(out),
