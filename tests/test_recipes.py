@@ -138,12 +138,12 @@ def test_recipe_resolves_and_dry_runs(path: Path, scale: str, tmp_path: Path, re
 
 @pytest.mark.parametrize(("path", "scale"), EXTRA_SCALES, ids=lambda x: x if isinstance(x, str) else x.stem)
 def test_a_recipes_own_scale_dry_runs_in_its_budget(path: Path, scale: str, request: pytest.FixtureRequest, tmp_path):
-    """`real-cpu` (issue 14): one seed, every input present once the toy world is generated, the budget its notes
-    estimate at under an hour; with the toy scale's budget, its stages are the toy scale's seed-0 runs (same keys)."""
+    """`real-cpu` (issue 14): one seed, every input present once the toy world is generated, its notes give the
+    measured time (under an hour); with the toy scale's budget, its stages are the toy scale's seed-0 runs (same keys)."""
     real_weights_or_skip(request, path, REPO)
     recipe = load_recipe(path)
     s, toy = load_scale(recipe, scale), load_scale(recipe, "toy")
-    assert s.seeds == 1 and s.toyworld == toy.toyworld and "ESTIMATE" in recipe.notes, "its notes give the time"
+    assert s.seeds == 1 and s.toyworld == toy.toyworld and "Time, measured" in recipe.notes, "its notes give the time"
     plan = build_plan(recipe, s, None, [0], tmp_path / "o", tmp_path / "c", ContentHashes(tmp_path / "h.json"))
     text = describe_plan(plan)
     assert f"at scale {scale}: {len(recipe.arms)} arm(s) x 1 seed(s)" in text
