@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from visprior.data.formats import TextSample
 from visprior.data.shards import write_shards
 from visprior.eval import text as text_eval
 from visprior.eval.generate import LanguageOnly, OptionScore
-from visprior.eval.text import document_nll, evaluate_text, perplexity
+from visprior.eval.text import document_nll, document_nlls, evaluate_text, perplexity
 from visprior.eval.toymodels import TinyVLM
 
 
@@ -35,6 +36,33 @@ def test_perplexity_is_token_weighted_and_windowed():
     assert parts[1][1] == len(docs[1]) + 1 - math.ceil((len(docs[1]) + 1) / 16)  # bytes + eos, minus one per window
     ppl, _ = perplexity(lm, docs, max_length=16)
     assert ppl == pytest.approx(math.exp(sum(p[0] for p in parts) / sum(p[1] for p in parts)), rel=1e-6)
+
+
+def _one_window_at_a_time(lm: LanguageOnly, text: str, max_length: int) -> tuple[float, int]:
+    """The reference: each window alone through the model, no padding."""
+    ids = lm.tokenizer(text, add_special_tokens=False).input_ids + [lm.tokenizer.eos_token_id]
+    total, count = 0.0, 0
+    for start in range(0, len(ids), max_length):
+        window = torch.tensor([ids[start : start + max_length]])
+        if window.shape[1] < 2:
+            continue
+        with torch.no_grad():
+            logits = lm.language_model(inputs_embeds=lm.embed(window)).logits[0, :-1].float()
+        total += float(F.cross_entropy(logits, window[0, 1:], reduction="sum"))
+        count += window.shape[1] - 1
+    return total, count
+
+
+def test_batched_windows_give_each_documents_own_nll():
+    """Windows of different lengths share a right-padded batch: each document's NLL is what it gets alone."""
+    lm = _bare_lm()
+    docs = ["a", "red cube", "two blue balls beside a green cone on grey", "x" * 40, "shapes " * 9, "ab"]
+    want = [_one_window_at_a_time(lm, d, 16) for d in docs]
+    for batch_size in (1, 3, 64):
+        got = document_nlls(lm, docs, max_length=16, batch_size=batch_size)
+        assert [n for _, n in got] == [n for _, n in want]
+        assert [v for v, _ in got] == pytest.approx([v for v, _ in want], rel=1e-5, abs=1e-5)
+    assert want[0][1] == 1 and any(n > 16 for _, n in want)  # a one-window document and a several-window one
 
 
 def test_final_answer():
