@@ -100,6 +100,31 @@ def test_vqa_per_type_exact(tmp_path, monkeypatch):
     assert m["open"] == pytest.approx(1 / 3) and m["mc"] == 1.0 and m["all"] == pytest.approx(4 / 6)
 
 
+def test_blind_vqa_scores_the_same_questions_on_grey_images(tmp_path, monkeypatch):
+    """`vqa/blind/*` is the control for a language prior: same prompts, every image a uniform grey one of its size."""
+    from visprior.eval.mle_bench import BLIND_GREY
+
+    _write_vqa(tmp_path / "vqa")
+    items = load_vqa(tmp_path / "vqa")
+    seen = []
+
+    def answers_from_pixels(model, prompts, images, **kw):  # reads the answer off the image: right only when it sees it
+        seen.append([im.getpixel((3, 3)) for (im,) in images])
+        return [str(i % 3) if im.getpixel((3, 3)) != BLIND_GREY else "no idea" for i, (im,) in enumerate(images)]
+
+    monkeypatch.setattr(vqa, "generate", answers_from_pixels)
+    monkeypatch.setattr(vqa, "score_options", lambda m, p, o, i, **kw: [[OptionScore(-2, -2, 1), OptionScore(-1, -1, 1)]
+                                                                        for _ in p])  # fmt: skip
+    info = DatasetInfo.of("vqa", tmp_path / "vqa", len(items))
+    m = {k: v.value for k, v in evaluate_vqa(None, items, dataset=info, blind=True).metrics.items()}
+    assert m["open"] == 1.0 and m["blind/open"] == 0.0  # the open answers needed the image
+    assert m["mc"] == m["blind/mc"] == 1.0  # the choices' prior ("red") does not
+    assert m["blind/all"] == pytest.approx(3 / 6) and m["blind/type/count"] == 0.0
+    assert seen[1] == [BLIND_GREY] * 3 and BLIND_GREY not in seen[0]
+    off = evaluate_vqa(None, items, dataset=info)
+    assert not any(k.startswith("blind/") for k in off.metrics) and len(seen) == 3
+
+
 def _support(n: int) -> list[VQAItem]:
     return [VQAItem(f"s{i}", _img(i), f"<image>\nWhat is {i}?", str(i), "t") for i in range(n)]
 

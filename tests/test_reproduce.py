@@ -115,6 +115,27 @@ def test_fewshot_runs_only_the_shot_counts_the_recipe_reads(tmp_path: Path) -> N
     assert args[args.index("--shots") + 1] == "8,0"
 
 
+def test_vqa_blind_reaches_the_eval_command_and_must_be_a_bool(project: Path, tmp_path: Path) -> None:
+    plan = plan_of(REPO / "recipes" / "vila" / "text-reblend-restores-text.yaml", tmp_path)
+    ev = plan.recipe.evaluations["sft"]
+    _, args = eval_command(plan, plan.run("visual", 0, "sft"), ev, tmp_path / "eval")
+    assert "--vqa_blind" not in args
+    ev.options["vqa_blind"] = True
+    _, args = eval_command(plan, plan.run("visual", 0, "sft"), ev, tmp_path / "eval")
+    assert args[args.index("--vqa_blind") + 1] == "true"
+    bad = edit(GOOD, lambda d: d["evaluations"]["classify"].update(options={"vqa_blind": "yes"}))
+    with pytest.raises(RecipeError, match=r"evaluations\.classify\.options\.vqa_blind: expected true or false"):
+        load_recipe(write(project, bad))
+
+    def blind_row(d, options):
+        d["evaluations"]["text-pretrain"] = {"tasks": ["vqa"], "options": options,
+                                   "metrics": {"blind": {"label": "grey", "metric": "vqa/blind/all"}}}  # fmt: skip
+
+    load_recipe(write(project, edit(GOOD, lambda d: blind_row(d, {"vqa_blind": True}))))
+    with pytest.raises(RecipeError, match=r"metrics\.blind: vqa/blind/all is written only with `options: "):
+        load_recipe(write(project, edit(GOOD, lambda d: blind_row(d, {}))))
+
+
 def test_bad_shots_fail_when_the_recipe_loads(project: Path) -> None:
     bad = edit(GOOD, lambda d: d["evaluations"]["classify"].update(options={"shots": [4, -1]}))
     with pytest.raises(RecipeError, match=r"evaluations\.classify\.options\.shots: expected a list"):

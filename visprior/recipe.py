@@ -88,7 +88,7 @@ SCALE_KEYS = (
     "eval",
     "toyworld",
 )
-EVAL_OPTION_KEYS = ("data", "limit", "mle_bench", "batch_size", "shots")
+EVAL_OPTION_KEYS = ("data", "limit", "mle_bench", "batch_size", "shots", "vqa_blind")
 CONFIG_GROUPS = ("trainer", "model", "data", "seed_everything", "ckpt_path", "checkpoint", "nonfinite")
 """Top-level keys an override may set: the groups of a `visprior fit` config."""
 MARKS = ("table", "printed on figure", "read off figure", "text")
@@ -98,7 +98,7 @@ UNITS = {"%": 100.0, "CIDEr": 100.0, "ppl": 1.0, "": 1.0}
 SCALES = ("toy", "mini", "paper")
 CLASSIFY_TASK = "classify"
 METRIC_NAMES: dict[str, str] = {
-    "vqa": r"all|mc|open|type/\w+",
+    "vqa": r"(blind/)?(all|mc|open|type/\w+)",  # blind/: with options.vqa_blind
     "fewshot": r"\d+-shot",
     "mle_bench": r"(blind/)?(gen|gen_strict|ll|ll_letter)/(small|medium|large|average|answered)",
     "text": r"ppl/\w+|qa/(all|reasoning|knowledge)",
@@ -313,7 +313,7 @@ class ScaleSpec:
     Base scale files (`recipes/_base/scales/<scale>.yaml`) key their `stages` by stage YAML name (they hold for every
     recipe); a recipe's `scales.<scale>` keys them by the recipe's stage names. `every_stage` entries are fragment files
     or override mappings applied to every stage; `paths` maps toy-world folders (relative to the project root) to the
-    folders used instead; `eval` holds `visprior eval` options (`data`, `limit`, `mle_bench`, `batch_size`, `shots`); `toyworld`
+    folders used instead; `eval` holds `visprior eval` options (`data`, `limit`, `mle_bench`, `batch_size`, `shots`, `vqa_blind`); `toyworld`
     (`{preset, seed}`) asks the runner to generate the toy world when it is missing; `gpus` is the world size the plan
     assumes when the trainer says `devices: auto`.
     """
@@ -614,9 +614,14 @@ def load_recipe(path: str | Path) -> Recipe:
             check.fail(
                 f"{key}.options.shots", f"expected a list of in-context example counts like [0, 4], got {shots!r}"
             )
+        if not isinstance(options.get("vqa_blind", False), bool):
+            check.fail(f"{key}.options.vqa_blind", f"expected true or false, got {options['vqa_blind']!r}")
         metrics = {}
         for mname, m in check.mapping(spec.get("metrics"), f"{key}.metrics").items():
             metrics[mname] = _metric(check, f"{key}.metrics.{mname}", mname, stage, tasks, m)
+            blind = [src for src in metrics[mname].sources if src.startswith("vqa/blind/")]
+            if blind and not options.get("vqa_blind"):
+                check.fail(f"{key}.metrics.{mname}", f"{blind[0]} is written only with `options: {{vqa_blind: true}}`")
         evaluations[stage] = EvaluationSpec(stage, list(tasks), metrics, dict(options))
     names = [m for ev in evaluations.values() for m in ev.metrics]
     if len(set(names)) != len(names):

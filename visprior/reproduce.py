@@ -768,6 +768,8 @@ def eval_command(plan: Plan, run: StageRun, ev: EvaluationSpec, out: Path) -> tu
     for key in ("mle_bench", "batch_size"):
         if options.get(key):
             args += [f"--{key}", str(options[key])]
+    if options.get("vqa_blind"):
+        args += ["--vqa_blind", "true"]
     if options.get("shots") is not None:  # a YAML list [0, 4] or a string "0,4"
         shots = options["shots"]
         args += ["--shots", ",".join(str(k) for k in shots) if isinstance(shots, list) else str(shots)]

@@ -22,6 +22,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     model_name: str | None = None,
     vision_tower: str | None = None,
+    vqa_blind: bool = False,
 ) -> Path:
     """Evaluate a checkpoint on the toy world's evaluation sets (or a local MLE-Bench copy) and write `results.json`.
 
@@ -38,6 +39,7 @@ def evaluate_checkpoint(
         seed: for sampled shots and bootstrap intervals.
         model_name: name recorded in results.json; default the checkpoint path.
         vision_tower: local tower folder for an original LLaVA checkpoint whose mm_vision_tower is a hub id.
+        vqa_blind: also score `vqa` with grey images (`vqa/blind/*`), the control for a language prior.
     """
     names = parse_tasks(tasks)  # a typo fails before the model is loaded
     try:
@@ -56,7 +58,8 @@ def evaluate_checkpoint(
         default_out = Path("runs") / "eval" / ckpt.resolve().name
     out_dir = Path(out) if out else default_out
     model = load_vlm(ckpt, vision_tower=vision_tower)
-    options = EvalOptions(limit=limit, batch_size=batch_size, seed=seed, shots=shot_counts, mle_bench_path=mle_bench)
+    options = EvalOptions(limit=limit, batch_size=batch_size, seed=seed, shots=shot_counts, mle_bench_path=mle_bench,
+                          vqa_blind=vqa_blind)  # fmt: skip
     doc = evaluate(
         model, names, data, out_dir, model_name=model_name or str(ckpt), checkpoint=str(ckpt), options=options
     )

@@ -41,6 +41,8 @@ class EvalOptions:
     blind_baseline: bool = True
     """Also score MLE-Bench with grey images (`blind/*` metrics), to show how much of the score is the image; doubles its
     cost."""
+    vqa_blind: bool = False
+    """Also score VQA with grey images (`vqa/blind/*`): how much of its accuracy needs the image; doubles its cost."""
     caption_prompt: str | None = None
     """None: a chat instruction; "<image>" for a pre-trained (non-SFT) model."""
 
@@ -58,7 +60,7 @@ def _mle(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
 def _vqa(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
     items = load_vqa(data / "eval" / "vqa", o.limit)
     info = DatasetInfo.of("toyworld-vqa", data / "eval" / "vqa", len(items))
-    return evaluate_vqa(model, items, dataset=info, batch_size=o.batch_size)
+    return evaluate_vqa(model, items, dataset=info, batch_size=o.batch_size, blind=o.vqa_blind)
 
 
 def _fewshot(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:

@@ -158,17 +158,34 @@ def score_items(
 
 
 def evaluate_vqa(
-    model: nn.Module, items: Sequence[VQAItem], *, dataset: DatasetInfo, batch_size: int = 8, max_new_tokens: int = 8
+    model: nn.Module,
+    items: Sequence[VQAItem],
+    *,
+    dataset: DatasetInfo,
+    batch_size: int = 8,
+    max_new_tokens: int = 8,
+    blind: bool = False,
 ) -> TaskResult:
-    """Accuracy overall, for open and multiple-choice questions, and per question type."""
+    """Accuracy overall, for open and multiple-choice questions, and per question type.
+
+    With `blind`, the same metrics again under `blind/` with every image replaced by a uniform grey one of its size (as
+    MLE-Bench's blind baseline): what a model answers from the question and its language prior alone. A gain that stays
+    on grey images is not a visual one.
+    """
+    from visprior.eval.mle_bench import blind_image  # the one grey image every blind baseline uses
+
     start = time.perf_counter()
     prompts = [chat_prompt(it.question) for it in items]
     images = [[it.image] if it.image is not None else [] for it in items]
-    correct = score_items(model, items, prompts, images, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    runs = [("", images)]
+    if blind:
+        runs.append(("blind/", [[blind_image(img) for img in row] for row in images]))
     acc = Accumulator()
-    for it, ok in zip(items, correct):
-        acc.update("all", float(ok))
-        acc.update("mc" if it.choices else "open", float(ok))
-        acc.update(f"type/{it.question_type}", float(ok))
+    for prefix, shown in runs:
+        correct = score_items(model, items, prompts, shown, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        for it, ok in zip(items, correct):
+            acc.update(f"{prefix}all", float(ok))
+            acc.update(f"{prefix}{'mc' if it.choices else 'open'}", float(ok))
+            acc.update(f"{prefix}type/{it.question_type}", float(ok))
     metrics: dict[str, Metric] = {name: acc.accuracy(name) for name in sorted(acc.names())}
-    return TaskResult("vqa", dataset, metrics, time.perf_counter() - start)
+    return TaskResult("vqa", dataset, metrics, time.perf_counter() - start, {"blind": blind})
