@@ -6,9 +6,11 @@ Rapids 2.6-5x faster), so the choice is made on the machine, never in YAML:
 - **CPU**: the flags are read first (`avx512_bf16`, `amx_bf16`); without them bf16 is emulated and never timed. With them
   a 1024² matmul is timed in fp32 and bf16 (best of a few repeats) and `bf16-mixed` is chosen when bf16 runs at least
   `BF16_MIN_SPEEDUP` times the fp32 rate (autocast's casts and the ops it keeps in fp32 eat part of a matmul gain: on a
-  Zen 4 a 2.6x matmul gain gave a 1.4x step). The measurement is cached on disk (`probe_cache_path()`), keyed by CPU
-  model, torch version and thread count, so every stage of a run, and every DDP rank, reads the same figures; the same
-  figures are the CPU's peak for `peak_flops: auto`.
+  Zen 4 a 2.6x matmul gain gave a 1.4x step). The figures are kept on disk (`probe_cache_path()`), keyed by CPU model,
+  torch version and thread count, as the best rate each dtype has shown: a probe taken beside other work reads low, and
+  the peak for `peak_flops: auto` must not (this 2-core Xeon's first probe, beside other runs, read fp32 49 / bf16 199
+  GFLOP/s; quiet, 187 / 342, so MFU read 1.7x too high). Every launch probes again (well under a second: bf16 is timed
+  only where the flags say it is native) and raises the kept figures when it reads higher.
 - **GPU**: `bf16-mixed` when the device supports bf16, else `16-mixed`; the peak comes from `GPU_PEAK_FLOPS`, dense bf16
   tensor-core figures read from the device name.
 - Under `FSDP2Strategy` the strategy's `MixedPrecisionPolicy` decides the compute dtype, so `auto` means `32-true` there.
@@ -25,7 +27,7 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -178,21 +180,23 @@ def _read_cache(path: Path) -> dict[str, Any]:
 
 
 def cpu_rates(threads: int | None = None) -> MatmulRates:
-    """This CPU's matmul rates at `threads` (default: torch's current count), measured once and cached on disk."""
+    """This CPU's matmul rates at `threads` (default: torch's current count): the best of this probe and every earlier
+    one on disk for the same key, so a probe beside other work never lowers the peak."""
     threads = threads or torch.get_num_threads()
     path, key = probe_cache_path(), probe_key(threads)
     with _locked(path):
         cache = _read_cache(path)
-        if isinstance(entry := cache.get(key), dict):
-            with contextlib.suppress(TypeError, ValueError):
-                entry = {**entry, "flags": tuple(entry.get("flags", ()))}
-                return MatmulRates(**entry)
         previous = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
             rates = measure_cpu(threads)
         finally:
             torch.set_num_threads(previous)
+        if isinstance(entry := cache.get(key), dict):
+            with contextlib.suppress(TypeError, ValueError):
+                kept = MatmulRates(**{**entry, "flags": tuple(entry.get("flags", ()))})
+                best = max(kept.bf16 or 0.0, rates.bf16 or 0.0) if rates.bf16 is not None else None
+                rates = replace(rates, fp32=max(kept.fp32, rates.fp32), bf16=best)
         cache[key] = asdict(rates)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(cache, indent=2))
