@@ -9,8 +9,8 @@ Rapids 2.6-5x faster), so the choice is made on the machine, never in YAML:
   Zen 4 a 2.6x matmul gain gave a 1.4x step). The figures are kept on disk (`probe_cache_path()`), keyed by CPU model,
   torch version and thread count, as the best rate each dtype has shown: a probe taken beside other work reads low, and
   the peak for `peak_flops: auto` must not (this 2-core Xeon's first probe, beside other runs, read fp32 49 / bf16 199
-  GFLOP/s; quiet ones read 180-200 / 340-420, so MFU read about 2x too high). Every launch probes again (well under a second: bf16 is timed
-  only where the flags say it is native) and raises the kept figures when it reads higher.
+  GFLOP/s; quiet ones read 180-200 / 340-420, so MFU read about 2x too high). Every launch probes again (well under a
+  second: bf16 is timed only where the flags say it is native) and raises the kept figures when it reads higher.
 - **GPU**: `bf16-mixed` when the device supports bf16, else `16-mixed`; the peak comes from `GPU_PEAK_FLOPS`, dense bf16
   tensor-core figures read from the device name.
 - Under `FSDP2Strategy` the strategy's `MixedPrecisionPolicy` decides the compute dtype, so `auto` means `32-true` there.

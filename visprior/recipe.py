@@ -313,9 +313,9 @@ class ScaleSpec:
     Base scale files (`recipes/_base/scales/<scale>.yaml`) key their `stages` by stage YAML name (they hold for every
     recipe); a recipe's `scales.<scale>` keys them by the recipe's stage names. `every_stage` entries are fragment files
     or override mappings applied to every stage; `paths` maps toy-world folders (relative to the project root) to the
-    folders used instead; `eval` holds `visprior eval` options (`data`, `limit`, `mle_bench`, `batch_size`, `shots`, `vqa_blind`); `toyworld`
-    (`{preset, seed}`) asks the runner to generate the toy world when it is missing; `gpus` is the world size the plan
-    assumes when the trainer says `devices: auto`.
+    folders used instead; `eval` holds `visprior eval` options (`data`, `limit`, `mle_bench`, `batch_size`, `shots`,
+    `vqa_blind`); `toyworld` (`{preset, seed}`) asks the runner to generate the toy world when it is missing; `gpus` is
+    the world size the plan assumes when the trainer says `devices: auto`.
     """
 
     name: str
@@ -828,6 +828,8 @@ def _apply_section(
     for src, dst in check.mapping(section.get("paths") or {}, f"{prefix}paths").items():
         scale.paths[str(absolute(root / src))] = str(absolute(root / check.text(dst, f"{prefix}paths.{src}")))
     options = check.mapping(section.get("eval") or {}, f"{prefix}eval", EVAL_OPTION_KEYS)
+    if not isinstance(options.get("vqa_blind", False), bool):
+        check.fail(f"{prefix}eval.vqa_blind", f"expected true or false, got {options['vqa_blind']!r}")
     for k, v in options.items():
         scale.eval[k] = str(absolute(root / v)) if k in ("data", "mle_bench") and isinstance(v, str) else v
     if "toyworld" in section:

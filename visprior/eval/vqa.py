@@ -21,6 +21,7 @@ from torch import nn
 from visprior.data.formats import ConversationSample
 from visprior.data.shards import iter_samples, resolve_shards
 from visprior.eval.generate import chat_prompt, generate, pick_option, score_options
+from visprior.eval.mle_bench import blind_image
 from visprior.eval.results import Accumulator, DatasetInfo, Metric, TaskResult
 
 # The processor's steps, written from its behaviour (quirks kept, so the normalised strings are the same):
@@ -172,8 +173,6 @@ def evaluate_vqa(
     MLE-Bench's blind baseline): what a model answers from the question and its language prior alone. A gain that stays
     on grey images is not a visual one.
     """
-    from visprior.eval.mle_bench import blind_image  # the one grey image every blind baseline uses
-
     start = time.perf_counter()
     prompts = [chat_prompt(it.question) for it in items]
     images = [[it.image] if it.image is not None else [] for it in items]
