@@ -20,11 +20,14 @@ from visprior.report import (
 )
 
 
-def doc(values: dict[str, list[float]], *, scale: str = "toy", claim: dict | None = None, n: int = 200) -> dict:
-    """A reproduce results document with one metric (accuracy in %) measured for each arm and seed."""
+def doc(
+    values: dict[str, list[float]], *, scale: str = "toy", claim: dict | None = None, n: int = 200, items: float = 5.0
+) -> dict:
+    """A reproduce results document with one metric (accuracy in %) measured for each arm and seed, each evaluation's
+    interval over items +-`items`."""
     seeds = list(range(max(len(v) for v in values.values())))
     measurements = {
-        arm: {"acc": {str(s): {"value": v, "n": n, "ci95": [v - 5.0, v + 5.0], "ci_method": "wilson"}
+        arm: {"acc": {str(s): {"value": v, "n": n, "ci95": [v - items, v + items], "ci_method": "wilson"}
                       for s, v in zip(seeds, vs)}}
         for arm, vs in values.items()
     }  # fmt: skip
@@ -120,13 +123,22 @@ def test_t_quantiles() -> None:
     ],
 )
 def test_claim_verdicts_on_seed_paired_differences(a, b, direction, verdict) -> None:
-    d = doc({"a": a, "b": b})
+    d = doc({"a": a, "b": b}, items=0.5)  # the seeds' spread, not the items', sets these intervals
     claim = {**d["claims"][0], "direction": direction}
     s = claim_summary(d, claim)
     diffs = [y - x for x, y in zip(a, b)]
     assert s["mean"] == pytest.approx(sum(diffs) / 3) and s["values"] == pytest.approx(diffs)
     assert s["verdict"] == verdict, s
     assert s["k"] == 3 and s["ci_method"] == "paired t over 3 seeds"
+
+
+def test_seeds_that_agree_exactly_do_not_make_a_zero_width_interval() -> None:
+    """Two seeds both +1.17 (14 of 1,200 items): sd 0 over seeds, but each evaluation has its own sampling error."""
+    d = doc({"a": [35.0, 36.5], "b": [36.17, 37.67]})
+    s = claim_summary(d, d["claims"][0])
+    half = 1.96 * math.sqrt((2 * (5.0 / 1.96) ** 2) / 2)  # the items' error of a mean over 2 seeds
+    assert s["ci95"] == pytest.approx([1.17 - half, 1.17 + half], abs=1e-6)
+    assert s["verdict"] == VERDICTS[2] and s["agree"] == 2 and "items' error" in s["ci_method"]
 
 
 def test_one_seed_claim_uses_the_items_intervals() -> None:
