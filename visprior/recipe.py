@@ -606,16 +606,7 @@ def load_recipe(path: str | Path) -> Recipe:
                 check.fail(f"{key}.tasks", f"unknown task {t!r}; tasks: {', '.join([*TASKS, CLASSIFY_TASK])}")
         if CLASSIFY_TASK in tasks and len(tasks) > 1:
             check.fail(f"{key}.tasks", f"{CLASSIFY_TASK!r} evaluates a classifier and goes alone")
-        options = check.mapping(spec.get("options") or {}, f"{key}.options", EVAL_OPTION_KEYS)
-        shots = options.get("shots")
-        if shots is not None and not (
-            isinstance(shots, list) and shots and all(isinstance(k, int) and k >= 0 for k in shots)
-        ):
-            check.fail(
-                f"{key}.options.shots", f"expected a list of in-context example counts like [0, 4], got {shots!r}"
-            )
-        if not isinstance(options.get("vqa_blind", False), bool):
-            check.fail(f"{key}.options.vqa_blind", f"expected true or false, got {options['vqa_blind']!r}")
+        options = _eval_options(check, spec.get("options"), f"{key}.options")
         metrics = {}
         for mname, m in check.mapping(spec.get("metrics"), f"{key}.metrics").items():
             metrics[mname] = _metric(check, f"{key}.metrics.{mname}", mname, stage, tasks, m)
@@ -661,6 +652,19 @@ def load_recipe(path: str | Path) -> Recipe:
         notes=str(data.get("notes") or "").strip(),
         origin=source,
     )
+
+
+def _eval_options(check: _Check, value: Any, key: str) -> dict[str, Any]:
+    """`visprior eval` options (an evaluation's `options`, a scale's `eval`), their values checked before any run."""
+    options = check.mapping(value or {}, key, EVAL_OPTION_KEYS)
+    shots = options.get("shots")
+    if shots is not None and not (
+        isinstance(shots, list) and shots and all(isinstance(k, int) and k >= 0 for k in shots)
+    ):
+        check.fail(f"{key}.shots", f"expected a list of in-context example counts like [0, 4], got {shots!r}")
+    if not isinstance(options.get("vqa_blind", False), bool):
+        check.fail(f"{key}.vqa_blind", f"expected true or false, got {options['vqa_blind']!r}")
+    return options
 
 
 def _metric(check: _Check, key: str, name: str, stage: str, tasks: list[str], m: Any) -> MetricSpec:
@@ -827,9 +831,7 @@ def _apply_section(
     root = project_root(origin)
     for src, dst in check.mapping(section.get("paths") or {}, f"{prefix}paths").items():
         scale.paths[str(absolute(root / src))] = str(absolute(root / check.text(dst, f"{prefix}paths.{src}")))
-    options = check.mapping(section.get("eval") or {}, f"{prefix}eval", EVAL_OPTION_KEYS)
-    if not isinstance(options.get("vqa_blind", False), bool):
-        check.fail(f"{prefix}eval.vqa_blind", f"expected true or false, got {options['vqa_blind']!r}")
+    options = _eval_options(check, section.get("eval"), f"{prefix}eval")
     for k, v in options.items():
         scale.eval[k] = str(absolute(root / v)) if k in ("data", "mle_bench") and isinstance(v, str) else v
     if "toyworld" in section:
