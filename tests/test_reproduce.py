@@ -256,3 +256,20 @@ def test_a_run_killed_mid_stage_and_relaunched_gives_the_same_results(smoke_proj
         return {(a, k, s): (v["value"], v["n"]) for a, ms in m.items() for k, ss in ms.items() for s, v in ss.items()}
 
     assert values(resumed) == values(whole) and values(whole)
+
+
+def test_a_regenerated_toy_world_gets_its_own_tokenizer(project: Path, tmp_path: Path, monkeypatch) -> None:
+    from visprior.data.toyworld.generate import WORLD_VERSION
+    from visprior.reproduce import ensure_toyworld
+
+    world = project / "data" / "toyworld"
+    (world / "tokenizer").mkdir(parents=True)
+    (world / "tokenizer" / "tokenizer.json").write_text("{}")  # the smoke world's
+    (world / "world.json").write_text(json.dumps({"version": WORLD_VERSION, "preset": "smoke"}))
+    made = []
+    monkeypatch.setattr("visprior.data.toyworld.generate", lambda out, preset, seed: made.append(("world", preset)))
+    monkeypatch.setattr(
+        "visprior.data.tokenizer.train_tokenizer", lambda w, out, vocab_size: made.append(("bpe", vocab_size))
+    )
+    ensure_toyworld(plan_of(write(project, GOOD), tmp_path))
+    assert made == [("world", "toy"), ("bpe", 8192)]

@@ -836,6 +836,8 @@ def ensure_toyworld(plan: Plan) -> None:
         print(f"[reproduce] generating the toy world ({preset}, seed {seed}) into {world} ({what})", flush=True)
         from visprior.data.toyworld import generate
 
+        # a tokenizer trained on the old world would outlive it (a smoke run's 1.6K-token vocabulary under a toy world)
+        shutil.rmtree(world / "tokenizer", ignore_errors=True)
         generate(world, preset=preset, seed=seed)
     if not (world / "tokenizer" / "tokenizer.json").is_file():
         from visprior.data.tokenizer import train_tokenizer
