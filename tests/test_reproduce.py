@@ -264,12 +264,31 @@ def test_a_regenerated_toy_world_gets_its_own_tokenizer(project: Path, tmp_path:
 
     world = project / "data" / "toyworld"
     (world / "tokenizer").mkdir(parents=True)
-    (world / "tokenizer" / "tokenizer.json").write_text("{}")  # the smoke world's
-    (world / "world.json").write_text(json.dumps({"version": WORLD_VERSION, "preset": "smoke"}))
+    (world / "tokenizer" / "tokenizer.json").write_text("{}")  # the smoke world's, from before tokenizers recorded it
+    (world / "world.json").write_text(json.dumps({"version": WORLD_VERSION, "preset": "smoke", "seed": 0}))
     made = []
-    monkeypatch.setattr("visprior.data.toyworld.generate", lambda out, preset, seed: made.append(("world", preset)))
-    monkeypatch.setattr(
-        "visprior.data.tokenizer.train_tokenizer", lambda w, out, vocab_size: made.append(("bpe", vocab_size))
-    )
-    ensure_toyworld(plan_of(write(project, GOOD), tmp_path))
+
+    def generate(out: Path, preset: str, seed: int) -> None:
+        made.append(("world", preset))
+        (out / "world.json").write_text(json.dumps({"version": WORLD_VERSION, "preset": preset, "seed": seed}))
+
+    def train_tokenizer(data: Path, out: Path, vocab_size: int) -> None:
+        made.append(("bpe", vocab_size))
+        stamp = {"version": WORLD_VERSION, "preset": json.loads((data / "world.json").read_text())["preset"], "seed": 0}
+        (out / "trained_on.json").write_text(json.dumps({**stamp, "vocab_size": vocab_size}))
+
+    monkeypatch.setattr("visprior.data.toyworld.generate", generate)
+    monkeypatch.setattr("visprior.data.tokenizer.train_tokenizer", train_tokenizer)
+    toy = plan_of(write(project, GOOD), tmp_path)
+    ensure_toyworld(toy)
     assert made == [("world", "toy"), ("bpe", 8192)]
+    ensure_toyworld(toy)  # the world and its tokenizer match now: nothing is made again
+    ensure_toyworld(plan_of(write(project, GOOD), tmp_path, scale="smoke"))  # smoke runs on the toy world as it is
+    assert made == [("world", "toy"), ("bpe", 8192)]
+
+
+def test_a_toy_tokenizer_records_its_world(toyworld_dir: Path, tokenizer_dir: Path) -> None:
+    from visprior.data.tokenizer import trained_on, world_identity
+
+    assert trained_on(tokenizer_dir) == {**world_identity(toyworld_dir), "vocab_size": 2048}
+    assert world_identity(toyworld_dir)["preset"] == "smoke"

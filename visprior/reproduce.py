@@ -836,14 +836,19 @@ def ensure_toyworld(plan: Plan) -> None:
         print(f"[reproduce] generating the toy world ({preset}, seed {seed}) into {world} ({what})", flush=True)
         from visprior.data.toyworld import generate
 
-        # a tokenizer trained on the old world would outlive it (a smoke run's 1.6K-token vocabulary under a toy world)
-        shutil.rmtree(world / "tokenizer", ignore_errors=True)
         generate(world, preset=preset, seed=seed)
-    if not (world / "tokenizer" / "tokenizer.json").is_file():
+    from visprior.data.tokenizer import trained_on, world_identity
+
+    identity = world_identity(world) or {}
+    vocab_size = 2048 if identity.get("preset") == "smoke" else 8192  # smoke scale runs on whichever world is there
+    tokenizer = world / "tokenizer"
+    # a tokenizer outlives a regenerated world: a smoke run, then a toy one, read the toy world through the smoke
+    # world's 1.6K-token vocabulary; it is retrained unless it records this world and this size
+    if not (tokenizer / "tokenizer.json").is_file() or trained_on(tokenizer) != {**identity, "vocab_size": vocab_size}:
         from visprior.data.tokenizer import train_tokenizer
 
-        print(f"[reproduce] training the toy tokenizer into {world / 'tokenizer'}", flush=True)
-        train_tokenizer(world, world / "tokenizer", vocab_size=2048 if preset == "smoke" else 8192)
+        print(f"[reproduce] training the toy tokenizer into {tokenizer}", flush=True)
+        train_tokenizer(world, tokenizer, vocab_size=vocab_size)
 
 
 def link(target: Path, link_path: Path) -> None:

@@ -110,7 +110,30 @@ def train_tokenizer(data_dir: str | os.PathLike, out_dir: str | os.PathLike, voc
     fast.chat_template = CHATML_TEMPLATE
     out_dir.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out_dir)
+    world = world_identity(data_dir)
+    if world is not None:
+        (out_dir / TRAINED_ON).write_text(json.dumps({**world, "vocab_size": vocab_size}, indent=1) + "\n")
     return out_dir
+
+
+TRAINED_ON = "trained_on.json"
+"""Written beside a tokenizer trained on a toy world: that world's identity, so a regenerated world (another preset,
+seed or version) is never read through the old world's tokenizer."""
+
+
+def world_identity(data_dir: str | os.PathLike) -> dict[str, object] | None:
+    """The version, preset and seed of the toy world in `data_dir` (its world.json), or None for other data."""
+    path = Path(data_dir) / "world.json"
+    if not path.is_file():
+        return None
+    world = json.loads(path.read_text())
+    return {k: world.get(k) for k in ("version", "preset", "seed")}
+
+
+def trained_on(tokenizer_dir: str | os.PathLike) -> dict[str, object] | None:
+    """The world identity a toy tokenizer records (`TRAINED_ON`), or None when it records none."""
+    path = Path(tokenizer_dir) / TRAINED_ON
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def image_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
