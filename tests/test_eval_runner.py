@@ -103,3 +103,9 @@ def test_callback_logs_every_n_steps(vlm, toyworld_dir, tmp_path):
     trainer.fit(_Stage(vlm), train_dataloaders=torch.utils.data.DataLoader(torch.zeros(8, 1), batch_size=1))
     steps = [s for s, m in logged if "eval/vqa/all" in m]
     assert steps == [2, 4]
+
+
+def test_a_limit_per_task_caps_the_named_tasks_only(vlm, toyworld_dir, tmp_path):
+    doc = evaluate(vlm, ["mle_bench", "vqa"], toyworld_dir, tmp_path, options=EvalOptions(limit={"mle_bench": 6}))
+    assert doc["tasks"]["mle_bench"]["dataset"]["count"] == 6
+    assert doc["tasks"]["vqa"]["dataset"]["count"] == 160  # every item of the smoke world's eval/vqa

@@ -142,6 +142,19 @@ def test_bad_shots_fail_when_the_recipe_loads(project: Path) -> None:
         load_recipe(write(project, bad))
 
 
+def test_a_limit_per_task_is_checked_when_the_recipe_loads_and_reaches_the_eval_command(
+    project: Path, tmp_path: Path
+) -> None:
+    for limit, message in (({"fewshot": 4, "imagenet": 2}, r"unknown task\(s\) \['imagenet'\]"),
+                           ({"fewshot": 0}, "expected a positive item count"), (True, "expected a positive")):  # fmt: skip
+        bad = edit(GOOD, lambda d, v=limit: d["evaluations"]["classify"].update(options={"limit": v}))
+        with pytest.raises(RecipeError, match=r"evaluations\.classify\.options\.limit: " + message):
+            load_recipe(write(project, bad))
+    plan = plan_of(REPO / "recipes" / "vila" / "text-reblend-restores-text.yaml", tmp_path)
+    _, args = eval_command(plan, plan.run("visual", 0, "sft"), plan.recipe.evaluations["sft"], tmp_path / "eval")
+    assert json.loads(args[args.index("--limit") + 1]) == plan.scale.eval["limit"] == {"fewshot": 400, "mle_bench": 300}
+
+
 def test_seeds() -> None:
     assert seeds_from(None, 3) == [0, 1, 2] and seeds_from("2", 3) == [0, 1] and seeds_from("0,4", 1) == [0, 4]
     for bad in ("0", "a", "1,1"):

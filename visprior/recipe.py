@@ -664,6 +664,17 @@ def _eval_options(check: _Check, value: Any, key: str) -> dict[str, Any]:
         check.fail(f"{key}.shots", f"expected a list of in-context example counts like [0, 4], got {shots!r}")
     if not isinstance(options.get("vqa_blind", False), bool):
         check.fail(f"{key}.vqa_blind", f"expected true or false, got {options['vqa_blind']!r}")
+    limit = options.get("limit")
+    if limit is not None:
+        from visprior.eval.runner import TASKS
+
+        per_task = limit if isinstance(limit, dict) else {"": limit}
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in per_task.values()):
+            check.fail(
+                f"{key}.limit", f"expected a positive item count, or one per task like {{fewshot: 400}}, got {limit!r}"
+            )
+        if isinstance(limit, dict) and set(limit) - set(TASKS):
+            check.fail(f"{key}.limit", f"unknown task(s) {sorted(set(limit) - set(TASKS))}; tasks: {', '.join(TASKS)}")
     return options
 
 

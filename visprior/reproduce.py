@@ -760,8 +760,9 @@ def eval_command(plan: Plan, run: StageRun, ev: EvaluationSpec, out: Path) -> tu
     options = eval_options(plan, ev)
     name = f"{plan.recipe.name}/{run.arm}/seed{run.seed}/{run.stage}"
     common = ["--checkpoint", str(run.checkpoint), "--out", str(out), "--seed", str(run.seed), "--model_name", name]
-    if options.get("limit"):
-        common += ["--limit", str(options["limit"])]
+    if options.get("limit"):  # an int, or a mapping task -> items (JSON, which jsonargparse reads as the dict)
+        limit = options["limit"]
+        common += ["--limit", json.dumps(limit) if isinstance(limit, dict) else str(limit)]
     if ev.tasks == [CLASSIFY_TASK]:
         return "visprior.eval.classification", [*common, "--val", str(_get(run.resolved, "data.init_args.val"))]
     args = ["eval", *common, "--tasks", ",".join(ev.tasks), "--data", str(eval_data(plan))]

@@ -15,7 +15,7 @@ def evaluate_checkpoint(
     tasks: str = "mle_bench,vqa,fewshot,caption,text",
     data: str = "data/toyworld",
     out: str | None = None,
-    limit: int | None = None,
+    limit: int | dict[str, int] | None = None,
     mle_bench: str | None = None,
     batch_size: int = 8,
     shots: str = "0,4,8",
@@ -32,7 +32,8 @@ def evaluate_checkpoint(
         tasks: comma-separated: mle_bench, vqa, fewshot, caption, text, probe.
         data: toy world folder holding `eval/`.
         out: folder for results.json; default `<run directory>/eval`.
-        limit: at most this many items per task.
+        limit: at most this many items per task, or per task by name (`'{fewshot: 400, mle_bench: 300}'`; the tasks
+            not named read all their items).
         mle_bench: a local MLE-Bench copy (imagefolder + metadata.jsonl, parquet files, or a save_to_disk folder).
         batch_size: prompts per generation batch.
         shots: comma-separated in-context example counts for `fewshot`.
@@ -42,6 +43,10 @@ def evaluate_checkpoint(
         vqa_blind: also score `vqa` with grey images (`vqa/blind/*`), the control for a language prior.
     """
     names = parse_tasks(tasks)  # a typo fails before the model is loaded
+    if isinstance(limit, dict) and not set(limit) <= set(names):
+        raise SystemExit(
+            f"visprior eval: --limit names {sorted(set(limit) - set(names))}, not among --tasks {','.join(names)}"
+        )
     try:
         shot_counts = tuple(int(k) for k in str(shots).split(","))
     except ValueError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,9 @@ from visprior.eval.vqa import evaluate_vqa, load_vqa
 class EvalOptions:
     """Knobs shared by the tasks."""
 
-    limit: int | None = None
-    """At most this many items per task (None: all)."""
+    limit: int | Mapping[str, int] | None = None
+    """At most this many items per task (None: all), or per task by name (`{fewshot: 400}`; tasks not named: all), so a
+    budget can cap the costly tasks and keep every item of the one a claim reads."""
     batch_size: int = 8
     seed: int = 0
     shots: Sequence[int] = SHOTS
@@ -46,11 +47,16 @@ class EvalOptions:
     caption_prompt: str | None = None
     """None: a chat instruction; "<image>" for a pre-trained (non-SFT) model."""
 
+    def limit_for(self, task: str) -> int | None:
+        """The item cap of one task."""
+        return self.limit.get(task) if isinstance(self.limit, Mapping) else self.limit
+
 
 def _mle(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
     path = Path(o.mle_bench_path) if o.mle_bench_path else data / "eval" / "mle_bench"
     items = load_mle_bench(path)
-    items = balanced_subset(items, o.limit) if o.limit else items
+    n = o.limit_for("mle_bench")
+    items = balanced_subset(items, n) if n else items
     info = DatasetInfo.of("mle_bench" if o.mle_bench_path else "toyworld-mle_bench", path, len(items))
     return evaluate_mle_bench(
         model, items, dataset=info, batch_size=o.batch_size, seed=o.seed, blind_baseline=o.blind_baseline
@@ -58,21 +64,22 @@ def _mle(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
 
 
 def _vqa(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
-    items = load_vqa(data / "eval" / "vqa", o.limit)
+    items = load_vqa(data / "eval" / "vqa", o.limit_for("vqa"))
     info = DatasetInfo.of("toyworld-vqa", data / "eval" / "vqa", len(items))
     return evaluate_vqa(model, items, dataset=info, batch_size=o.batch_size, blind=o.vqa_blind)
 
 
 def _fewshot(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
     support = load_vqa(data / "eval" / "vqa")
-    queries = support[: o.limit] if o.limit else support
+    n = o.limit_for("fewshot")
+    queries = support[:n] if n else support
     info = DatasetInfo.of("toyworld-vqa", data / "eval" / "vqa", len(queries))
     return evaluate_fewshot(model, queries, support, dataset=info, shots=o.shots, seed=o.seed,
                             batch_size=max(1, o.batch_size // 2))  # fmt: skip
 
 
 def _caption(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
-    items = load_captions(data / "eval" / "captions", o.limit)
+    items = load_captions(data / "eval" / "captions", o.limit_for("caption"))
     info = DatasetInfo.of("toyworld-captions", data / "eval" / "captions", len(items))
     return evaluate_captioning(
         model, items, dataset=info, prompt=o.caption_prompt, batch_size=o.batch_size, seed=o.seed
@@ -80,7 +87,7 @@ def _caption(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
 
 
 def _text(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
-    return evaluate_text(model, data, limit=o.limit, batch_size=o.batch_size, seed=o.seed)
+    return evaluate_text(model, data, limit=o.limit_for("text"), batch_size=o.batch_size, seed=o.seed)
 
 
 def _probe(model: nn.Module, data: Path, o: EvalOptions) -> TaskResult:
