@@ -49,7 +49,7 @@ def toyworld_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from visprior.data.toyworld import generate
 
     out = tmp_path_factory.mktemp("toyworld")
-    generate(out, preset="smoke", seed=0)
+    generate(out, preset="smoke", seed=0, workers=2)  # tests/test_toyworld.py compares it with one worker's
     return out
 
 

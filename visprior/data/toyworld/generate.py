@@ -8,8 +8,11 @@ encoding is deterministic). Timings go into the returned summary only, never int
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -80,47 +83,83 @@ def dataset_rng(seed: int, name: str) -> random.Random:
     return random.Random(f"toyworld/{seed}/{name}")
 
 
-def generate(out_dir: str | Path, preset: str = "toy", seed: int = 0) -> dict[str, Any]:
-    """Write the toy world under `out_dir`; return a summary with sample counts per dataset and seconds taken."""
+def _datasets(p: Preset) -> dict[str, tuple[str, Callable[[random.Random], Any]]]:
+    """Dataset path -> (sample kind, generator of its samples from its own rng)."""
+    size, mo = p.image_size, p.max_objects
+    plan: dict[str, tuple[str, Callable[[random.Random], Any]]] = {
+        "pairs": ("pair", lambda r: ds.pairs(r, p.pairs, size, mo)),
+        "sft": ("conversation", lambda r: ds.sft(r, p.sft, size, mo)),
+        "sft_text": ("conversation", lambda r: ds.sft_text(r, p.sft_text)),
+        "interleaved": ("interleaved", lambda r: ds.interleaved_docs(r, p.interleaved, size)),
+        "eval/vqa": ("conversation", lambda r: ds.vqa_eval(r, p.eval_vqa, size, mo)),
+        "eval/captions": ("pair", lambda r: ds.captions_eval(r, p.eval_captions, size, mo)),
+        "eval/text_qa": ("text", lambda r: ds.text_qa(r, p.eval_text_qa)),
+        "eval/shapes/train": ("pair", lambda r: ds.shapes(r, p.shapes_train, p.shape_image_size, "train")),
+        "eval/shapes/test": ("pair", lambda r: ds.shapes(r, p.shapes_test, p.shape_image_size, "test")),
+    }
+    for cat in CATEGORIES:
+        n, seen = p.text_docs * (p.web_factor if cat == "web" else 1), set()
+        plan[f"text/{cat}"] = ("text", lambda r, c=cat, n=n, s=seen: ds.text(r, c, n, "train", s))
+        plan[f"eval/text/{cat}"] = ("text", lambda r, c=cat, s=seen: ds.text(r, c, p.eval_text, "eval", s, True))
+    return plan
+
+
+def _jobs() -> list[list[str]]:
+    """The datasets in groups that can be written in any order or in parallel, the costliest (most images) first. A
+    category's held-out documents share a group with its training ones: they exclude the texts those drew."""
+    images = ["pairs", "sft", "eval/shapes/train", "interleaved", "eval/vqa", MLE_BENCH, "eval/shapes/test",
+              "eval/captions"]  # fmt: skip
+    return (
+        [[name] for name in images]
+        + [["sft_text", "eval/text_qa"]]
+        + [[f"text/{c}", f"eval/text/{c}"] for c in CATEGORIES]
+    )
+
+
+MLE_BENCH = "eval/mle_bench"
+
+
+def _write_job(out: Path, preset: str, seed: int, names: list[str]) -> dict[str, tuple[int, float]]:
+    """Write one group of datasets; returns name -> (samples, seconds)."""
+    p, extra = PRESETS[preset], {"generator": "toyworld", "preset": preset}
+    plan, done = _datasets(p), {}
+    for name in names:
+        t0 = time.perf_counter()
+        if name == MLE_BENCH:
+            n = write_mle_bench(dataset_rng(seed, name), out / name, p.eval_mle, p.image_size)
+        else:
+            kind, make = plan[name]
+            leaf = name.rsplit("/", 1)[-1]
+            manifest = write_shards(make(dataset_rng(seed, name)), out / name, name=leaf, kind=kind,
+                                    maxcount=p.maxcount, seed=seed, extra=extra)  # fmt: skip
+            n = manifest["num_samples"]
+        done[name] = (n, round(time.perf_counter() - t0, 3))
+    return done
+
+
+def generate(out_dir: str | Path, preset: str = "toy", seed: int = 0, workers: int | None = None) -> dict[str, Any]:
+    """Write the toy world under `out_dir`; return a summary with sample counts per dataset and seconds taken.
+
+    `workers` processes (default: one per core the process may use, at most 4) write the dataset groups of `_jobs`;
+    each dataset's bytes depend on its own rng only, so the files are the same for any number of workers."""
     if preset not in PRESETS:
         raise ValueError(f"unknown toy world preset {preset!r}; choose one of {sorted(PRESETS)}")
     p = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"generator": "toyworld", "preset": preset}
-    size, mo = p.image_size, p.max_objects
-    plan: list[tuple[str, str, Any]] = [
-        ("pairs", "pair", lambda r: ds.pairs(r, p.pairs, size, mo)),
-        ("sft", "conversation", lambda r: ds.sft(r, p.sft, size, mo)),
-        ("sft_text", "conversation", lambda r: ds.sft_text(r, p.sft_text)),
-        ("interleaved", "interleaved", lambda r: ds.interleaved_docs(r, p.interleaved, size)),
-        ("eval/vqa", "conversation", lambda r: ds.vqa_eval(r, p.eval_vqa, size, mo)),
-        ("eval/captions", "pair", lambda r: ds.captions_eval(r, p.eval_captions, size, mo)),
-        ("eval/text_qa", "text", lambda r: ds.text_qa(r, p.eval_text_qa)),
-        ("eval/shapes/train", "pair", lambda r: ds.shapes(r, p.shapes_train, p.shape_image_size, "train")),
-        ("eval/shapes/test", "pair", lambda r: ds.shapes(r, p.shapes_test, p.shape_image_size, "test")),
-    ]
-    for cat in CATEGORIES:
-        n, seen = p.text_docs * (p.web_factor if cat == "web" else 1), set()
-        plan.append((f"text/{cat}", "text", lambda r, c=cat, n=n, s=seen: ds.text(r, c, n, "train", s)))
-        plan.append((f"eval/text/{cat}", "text", lambda r, c=cat, s=seen: ds.text(r, c, p.eval_text, "eval", s, True)))
-
-    counts: dict[str, int] = {}
-    seconds: dict[str, float] = {}
+    workers = workers or min(4, len(os.sched_getaffinity(0)))
     start = time.perf_counter()
-    for path, kind, make in plan:
-        t0 = time.perf_counter()
-        name = path.rsplit("/", 1)[-1]
-        manifest = write_shards(
-            make(dataset_rng(seed, path)), out / path, name=name, kind=kind, maxcount=p.maxcount, seed=seed, extra=extra
-        )
-        counts[path] = manifest["num_samples"]
-        seconds[path] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    counts["eval/mle_bench"] = write_mle_bench(
-        dataset_rng(seed, "eval/mle_bench"), out / "eval/mle_bench", p.eval_mle, size
-    )
-    seconds["eval/mle_bench"] = round(time.perf_counter() - t0, 3)
+    results: dict[str, tuple[int, float]] = {}
+    if workers <= 1:
+        for names in _jobs():
+            results.update(_write_job(out, preset, seed, names))
+    else:  # the platform's start method, as the DataLoader's workers use it (fork on Linux)
+        with ProcessPoolExecutor(workers) as pool:
+            for done in pool.map(_write_job, *zip(*[(out, preset, seed, names) for names in _jobs()])):
+                results.update(done)
+    counts = {name: n for name, (n, _) in sorted(results.items())}
+    seconds = {name: t for name, (_, t) in sorted(results.items())}
+    size = p.image_size
 
     world = {
         "version": WORLD_VERSION,
