@@ -147,7 +147,7 @@ def generate(out_dir: str | Path, preset: str = "toy", seed: int = 0, workers: i
     p = PRESETS[preset]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    workers = workers or min(4, len(os.sched_getaffinity(0)))
+    workers = workers or min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     start = time.perf_counter()
     results: dict[str, tuple[int, float]] = {}
     if workers <= 1:
