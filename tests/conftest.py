@@ -43,6 +43,27 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def unfused_flex_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' flex backend with torch's unfused FlexAttention (scores materialised) instead of the Inductor kernel.
+
+    The flex tests check what visprior owns, the `BlockMask` and how it reaches the model, not torch's compiled CPU
+    kernel: on one Zen 4 CI host that kernel gave half the packed logits wrong (max |diff| 0.067), which 60 reruns on
+    another Zen 4 did not reproduce. Unfused, the check is deterministic and takes seconds instead of a minute's compile.
+    """
+    import warnings
+
+    import transformers.integrations.flex_attention as hf_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def unfused(query, key, value, training: bool = False, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            return flex_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", unfused)
+
+
 @pytest.fixture(scope="session")
 def toyworld_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The smoke preset of the toy world, generated once per session (seed 0)."""

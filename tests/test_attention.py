@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_mask
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from visprior.models.attention import (
@@ -74,10 +74,9 @@ def test_every_backend_gets_the_same_attention(attn: str) -> None:
         assert not torch.allclose(wrong, reference, atol=1e-3)
 
 
-@pytest.mark.slow
-def test_flex_attention_block_mask_matches_sdpa() -> None:
-    """transformers' flex backend compiles its kernel (about a minute on CPU), hence slow; FlexAttention has no backward
-    on CPU (torch 2.13), so this is forward only."""
+def test_flex_attention_block_mask_matches_sdpa(unfused_flex_attention) -> None:
+    """Our BlockMask through transformers' flex backend (unfused: see the fixture); forward only, as FlexAttention has no
+    CPU backward in torch 2.13. A plain causal BlockMask must not pass (the documents would see each other)."""
     ids = torch.randint(5, 50, (2, 8))
     positions = torch.tensor([[0, 1, 0, 1, 2, 0, 0, 0], list(range(8))])
     mask = attention_mask_for(DOCS, "flex_attention", torch.float32)
@@ -86,8 +85,11 @@ def test_flex_attention_block_mask_matches_sdpa() -> None:
             input_ids=ids, attention_mask=block_causal_mask(DOCS), position_ids=positions
         ).logits
         logits = tiny_llama("flex_attention")(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+        causal = create_block_mask(lambda b, h, q, kv: q >= kv, 2, None, 8, 8, device="cpu")
+        leaky = tiny_llama("flex_attention")(input_ids=ids, attention_mask=causal, position_ids=positions).logits
     valid = DOCS >= 0
     torch.testing.assert_close(logits[valid], reference[valid], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(leaky[valid], reference[valid], atol=1e-3)
 
 
 def test_contrastive_text_encoder_is_right_under_eager(tokenizer_dir) -> None:

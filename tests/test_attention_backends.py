@@ -77,10 +77,9 @@ def test_packed_per_document_loss_equals_alone(attn: str, tokenizer_dir) -> None
     assert model.language_model.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
-@pytest.mark.slow
-def test_flex_attention_per_document_loss_equals_sdpa(tokenizer_dir) -> None:
-    """transformers compiles the flex kernel (about a minute on 2 cores), hence slow; forward only on CPU (torch 2.13 has
-    no CPU backward for FlexAttention)."""
+def test_flex_attention_per_document_loss_equals_sdpa(tokenizer_dir, unfused_flex_attention) -> None:
+    """The model's own BlockMask under transformers' flex backend (unfused: see the fixture); forward only on CPU
+    (torch 2.13 has no CPU backward for FlexAttention)."""
     sdpa, flex = model_for(tokenizer_dir, "sdpa"), model_for(tokenizer_dir, "flex_attention")
     batch = packed_batch(sdpa.language_model.config.vocab_size)
     with torch.no_grad():
