@@ -358,6 +358,8 @@ def packed_row(tokenizer: Path, backend: str, seq_len: int, precision: str, reps
 
     out = {"documents": d, "dense_mask_mb": seq_len * seq_len / 2**20 if backend == "sdpa" else 0.0}
     out["forward"] = timed(forward)
+    with ctx, torch.no_grad():  # the backend's kernel as it runs here (flex: compiled), checked against sdpa's loss
+        out["loss"] = float(model(**batch).loss)
     if backend == "flex_attention" and device.type == "cpu":
         out["forward_backward"] = {"skipped": "torch has no FlexAttention backward on CPU"}
     else:
@@ -379,6 +381,11 @@ def packed_rows(args: argparse.Namespace, precision: str) -> dict:
                 out[f"{backend}@{seq_len}"] = {"failed": (proc.stderr.strip().splitlines() or ["?"])[-1][:300]}
             else:
                 out[f"{backend}@{seq_len}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        reference = out.get(f"sdpa@{seq_len}", {}).get("loss")
+        for backend in PACKED_BACKENDS[1:]:
+            row = out[f"{backend}@{seq_len}"]
+            if reference is not None and "loss" in row:
+                row["loss_diff_vs_sdpa"] = abs(row["loss"] - reference)
     return out
 
 
@@ -737,6 +744,8 @@ def report(r: dict) -> None:
                 if "ms" in v
                 else f"{kind} {v.get('skipped')}"
             )
+        if "loss_diff_vs_sdpa" in row:
+            cells.append(f"|loss - sdpa's| {row['loss_diff_vs_sdpa']:.1e}")
         print(f"packed {name:24s} " + " | ".join(cells))
     if r.get("padding_sft_packed") is not None:
         print(
