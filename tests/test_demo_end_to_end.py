@@ -32,6 +32,14 @@ def test_the_demo_runs_its_recipe_with_one_seed(monkeypatch, tmp_path: Path) -> 
     assert {"text_qa", "mle_gen", "mle_ll"} <= set(recipe.metrics)
 
 
+def test_a_bad_seed_count_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--seeds", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("visprior demo: error:") and "--seeds must be at least 1" in err and "\n" not in err
+
+
 @pytest.mark.long
 @pytest.mark.timeout(7200)
 def test_demo_recipe_at_toy_scale(tmp_path: Path) -> None:

@@ -12,10 +12,11 @@ shows the full traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +207,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in LIGHTNING_SUBCOMMANDS and command not in COMMANDS:
         raise SystemExit(f"visprior: unknown command {command!r}\n\n{USAGE}")
+    with user_errors_as_one_line(command, debug):
+        run_lightning(argv) if command in LIGHTNING_SUBCOMMANDS else COMMANDS[command](rest)
+
+
+@contextlib.contextmanager
+def user_errors_as_one_line(command: str, debug: bool) -> Iterator[None]:
+    """An error the user can fix becomes one line on stderr and exit code 2; any other error, or `--debug`, a traceback."""
     from visprior.errors import is_user_error
 
     try:
-        run_lightning(argv) if command in LIGHTNING_SUBCOMMANDS else COMMANDS[command](rest)
+        yield
     except Exception as err:
         if debug or not is_user_error(err):
             raise

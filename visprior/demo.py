@@ -27,13 +27,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", default="1", help="how many seeds (3 = seeds 0, 1, 2) or a list (0,4,7)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="results.json, report.md, plots, run links")
     parser.add_argument("--cache", type=Path, default=None, help="the stage cache (default: runs/cache)")
+    parser.add_argument("--debug", action="store_true", help="a traceback behind an error instead of one line")
     args = parser.parse_args(argv)
 
-    from visprior.reproduce import reproduce
+    from visprior import reproduce
+    from visprior.cli import user_errors_as_one_line
 
-    reproduce(
-        RECIPE, scale=args.scale, seeds=args.seeds, out=str(args.out), cache=str(args.cache) if args.cache else None
-    )
+    with user_errors_as_one_line("demo", args.debug):
+        reproduce.reproduce(
+            RECIPE, scale=args.scale, seeds=args.seeds, out=str(args.out), cache=str(args.cache) if args.cache else None
+        )
 
 
 if __name__ == "__main__":
