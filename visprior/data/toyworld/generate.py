@@ -104,6 +104,9 @@ def _datasets(p: Preset) -> dict[str, tuple[str, Callable[[random.Random], Any]]
     return plan
 
 
+MLE_BENCH = "eval/mle_bench"
+
+
 def _jobs() -> list[list[str]]:
     """The datasets in groups that can be written in any order or in parallel, the costliest (most images) first. A
     category's held-out documents share a group with its training ones: they exclude the texts those drew."""
@@ -114,9 +117,6 @@ def _jobs() -> list[list[str]]:
         + [["sft_text", "eval/text_qa"]]
         + [[f"text/{c}", f"eval/text/{c}"] for c in CATEGORIES]
     )
-
-
-MLE_BENCH = "eval/mle_bench"
 
 
 def _write_job(out: Path, preset: str, seed: int, names: list[str]) -> dict[str, tuple[int, float]]:
@@ -159,14 +159,12 @@ def generate(out_dir: str | Path, preset: str = "toy", seed: int = 0, workers: i
                 results.update(done)
     counts = {name: n for name, (n, _) in sorted(results.items())}
     seconds = {name: t for name, (_, t) in sorted(results.items())}
-    size = p.image_size
-
     world = {
         "version": WORLD_VERSION,
         "preset": preset,
         "preset_config": asdict(p),
         "seed": seed,
-        "image_size": size,
+        "image_size": p.image_size,
         "vocabulary": vocabulary(),
         "text_categories": list(CATEGORIES),
         "question_types": list(QUESTION_TYPES),
