@@ -1,11 +1,12 @@
 """`make demo` end to end: the main job's recipe at toy scale, one seed, through `visprior reproduce`.
 
 It checks the result's structure, and of the learned numbers only the one that held on every seed tried: the re-blend
-arm's text QA above the visual arm's. On an Intel Xeon (AMX) (stages trained at 391bafa, evaluated at 0e38543) the gap was +2.0 / +4.0 / +1.7 points on seeds
-0 / 1 / 2 (800 items; seed 0 gave the same +2.0 in CI on its host), so a gap above 0 is asserted, nothing tighter. VQA
-(2 of 3 seeds) and MLE-Bench (chance on all three) are reported, never asserted. The run takes tens of minutes on 2
-cores (47 min in CI before the evaluation got faster), so it is `long`: it runs with `VISPRIOR_LONG=1` or `-m long`, not
-in CI, which runs the same recipe end to end at smoke size (tests/test_recipes.py).
+arm's held-out text perplexity below the visual arm's. At the main job's toy budgets on a Zen 4 EPYC (2026-12-02) the gap
+was -1.31 / -1.97 / -3.00 on seeds 0 / 1 / 2 (mean of seven categories, 1,400 documents), so a gap below 0 is asserted,
+nothing tighter. The text QA (2 of 3 seeds there; 3 of 3 on a Xeon at earlier budgets), VQA (2 of 3) and MLE-Bench
+(chance on all three) are reported, never asserted. One seed takes 15-27 min on 2 cores, depending on the CPU, so it is
+`long`: it runs with `VISPRIOR_LONG=1` or `-m long`, not in CI, which runs the same recipe end to end at smoke size
+(tests/test_recipes.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def test_the_demo_runs_its_recipe_with_one_seed(monkeypatch, tmp_path: Path) -> 
     demo.main(["--out", str(tmp_path)])
     assert calls == [((demo.RECIPE,), {"scale": "toy", "seeds": "1", "out": str(tmp_path), "cache": None})]
     recipe = load_recipe(find_recipe(demo.RECIPE))
-    assert {"text_qa", "mle_gen", "mle_ll"} <= set(recipe.metrics)
+    assert {"text_qa", "text_ppl", "mle_gen", "mle_ll"} <= set(recipe.metrics)
+    assert not recipe.metrics["text_ppl"].higher_is_better  # the claim the long test asserts: perplexity falls
 
 
 def test_a_bad_seed_count_is_one_line(capsys) -> None:
@@ -52,6 +54,7 @@ def test_demo_recipe_at_toy_scale(tmp_path: Path) -> None:
     metrics = load_recipe(find_recipe(demo.RECIPE)).metrics
     for arm in ("visual", "reblend"):
         for name, metric in metrics.items():  # results.json holds display units: accuracies in %, so in [0, 100]
-            assert metric.unit == "%", name
-            assert m[arm][name]["n"] > 0 and 0.0 <= m[arm][name]["value"] <= 100.0, (arm, name)
-    assert m["reblend"]["text_qa"]["value"] > m["visual"]["text_qa"]["value"]
+            value = m[arm][name]["value"]
+            assert m[arm][name]["n"] > 0, (arm, name)
+            assert 0.0 <= value <= 100.0 if metric.unit == "%" else metric.unit == "ppl" and value > 1.0, (arm, name)
+    assert m["reblend"]["text_ppl"]["value"] < m["visual"]["text_ppl"]["value"]
