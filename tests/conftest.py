@@ -22,7 +22,7 @@ os.environ.setdefault("VISPRIOR_CACHE_DIR", tempfile.mkdtemp(prefix="visprior-ca
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """`slow` tests (end-to-end runs of minutes) run in CI (`CI=true`, as .ci/run sets) or with `VISPRIOR_SLOW=1`, so a
     local `make test` stays a few minutes; `-m slow` asks for them explicitly. `long` tests (the main job end to end,
-    47 min in CI on 2 cores) run only with `VISPRIOR_LONG=1` or `-m long`: beside the rest of the suite they would leave
+    15-27 min on 2 cores) run only with `VISPRIOR_LONG=1` or `-m long`: beside the rest of the suite they would leave
     CI's 90 minutes almost no margin on a slower CPU."""
     env, marks = os.environ, config.option.markexpr
     slow = env.get("CI") == "true" or env.get("VISPRIOR_SLOW") == "1" or "slow" in marks
