@@ -123,3 +123,18 @@ def test_cached_prompt_scoring_equals_scoring_each_option_from_scratch():
             for g, w, o in zip(g_row, w_row, opts):
                 assert abs(g.sum_logprob - w) < 1e-4, (batch_size, o, g.sum_logprob, w)
                 assert g.num_tokens == len(model.tokenizer(o, add_special_tokens=False).input_ids)
+
+
+def test_option_scoring_uses_the_cache_keyword_of_the_installed_transformers(monkeypatch):
+    """transformers 5.24 renamed `past_key_values` to `cache` and warns on the old name, once per evaluation process:
+    the scorer reads and passes the cache under the name the model's forward takes, so no such warning is raised."""
+    import transformers.utils.generic as hf_generic
+
+    from visprior.eval.generate import cache_keyword
+
+    said = []
+    monkeypatch.setattr(hf_generic.logger, "warning_once", lambda msg, *a, **k: said.append(msg))
+    model = TinyVLM(seed=2)
+    score_options(model, [chat_prompt("hi")], [[" a dark blue square", " yes"]], [[]])
+    assert cache_keyword(model.language_model) in ("cache", "past_key_values")
+    assert not [m for m in said if "deprecated" in m]

@@ -8,6 +8,7 @@ new tokens for decoder-only models. Scoring needs no generation: one forward pas
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -220,7 +221,7 @@ def _score_chunk(
     owner = [i for i, (_, opts) in enumerate(chunk) for _ in opts]
     opts = [o for _, os in chunk for o in os]
     rows = torch.tensor(owner, device=device)
-    cache = first.past_key_values
+    cache = first.cache if "cache" in first else first.past_key_values  # transformers 5.24 renamed it
     cache.batch_select_indices(rows)  # one copy of the prompt's cache per option
     wo = max(len(o) for o in opts)
     oids = torch.tensor([o + [pad] * (wo - len(o)) for o in opts], device=device)  # [R, L] right-padded
@@ -229,11 +230,17 @@ def _score_chunk(
     logp = first_logp[rows].gather(-1, oids[:, :1])  # [R, 1]
     if wo > 1:
         rest = lm(inputs_embeds=model.embed(oids[:, :-1]), attention_mask=torch.cat([mask[rows], omask[:, :-1]], 1),
-                  position_ids=opos[:, :-1], past_key_values=cache).logits  # fmt: skip
+                  position_ids=opos[:, :-1], **{cache_keyword(lm): cache}).logits  # fmt: skip
         logp = torch.cat([logp, F.log_softmax(rest.float(), dim=-1).gather(-1, oids[:, 1:, None]).squeeze(-1)], 1)
     flat = [OptionScore(float(lp[: len(o)].sum()), float(lp[: len(o)].mean()), len(o)) for lp, o in zip(logp, opts)]
     it = iter(flat)
     return [[next(it) for _ in os] for _, os in chunk]
+
+
+def cache_keyword(lm: nn.Module) -> str:
+    """The forward's name for a KV cache: `cache` from transformers 5.24 on (where `past_key_values` still works but
+    warns on every evaluation), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(type(lm).forward).parameters else "past_key_values"
 
 
 def pick_option(scores: Sequence[OptionScore], by: str = "mean") -> int:
