@@ -28,7 +28,9 @@ def test_the_demo_runs_its_recipe_with_one_seed(monkeypatch, tmp_path: Path) -> 
     calls = []
     monkeypatch.setattr("visprior.reproduce.reproduce", lambda *a, **k: calls.append((a, k)))
     demo.main(["--out", str(tmp_path)])
-    assert calls == [((demo.RECIPE,), {"scale": "toy", "seeds": "1", "out": str(tmp_path), "cache": None})]
+    assert calls == [
+        ((demo.RECIPE,), {"scale": "toy", "seeds": "1", "out": str(tmp_path), "cache": None, "in_process": True})
+    ]
     recipe = load_recipe(find_recipe(demo.RECIPE))
     assert {"text_qa", "text_ppl", "mle_gen", "mle_ll"} <= set(recipe.metrics)
     assert not recipe.metrics["text_ppl"].higher_is_better  # the claim the long test asserts: perplexity falls
