@@ -189,6 +189,8 @@ def test_a_second_arm_reuses_the_shared_stage_and_a_changed_key_reruns_it_and_wh
     assert statuses(tmp_path / "a") == {("vit", "text-pretrain"): "ran", ("vit", "classify"): "ran",
                                          ("block", "text-pretrain"): "cached", ("block", "classify"): "ran"}  # fmt: skip
     assert len(list(cache.glob("text-pretrain-*/done.json"))) == 1
+    # in-process, Lightning's info lines go to the stage's log too, as they do from a process of its own
+    assert "precision: auto ->" in next(cache.glob("text-pretrain-*/fit.log")).read_text()
     doc = json.loads((tmp_path / "a" / "results.json").read_text())
     assert doc["complete"] and {a: set(m) for a, m in doc["measurements"].items()} == {
         "vit": {"top1"},

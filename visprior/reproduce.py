@@ -662,10 +662,14 @@ def _in_process(module: str, args: list[str], log: Any) -> int:
     import traceback
     from contextlib import redirect_stderr, redirect_stdout
 
+    # Lightning's handlers hold the terminal's stream whatever sys.stdout is: while the stage runs its loggers write to
+    # the stage's log instead (its info lines, such as the `precision: auto` choice, are what a fit.log is read for)
     loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "lightning")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:  # their handlers write to the terminal whatever sys.stdout is: quiet them instead
-        lg.setLevel(logging.WARNING)
+    saved = [(lg.level, lg.handlers, lg.propagate) for lg in loggers]
+    to_log = logging.StreamHandler(log)
+    for lg in loggers:
+        lg.handlers, lg.propagate = [to_log], False
+        lg.setLevel(logging.INFO)
     with redirect_stdout(log), redirect_stderr(log):
         try:
             if module == "visprior.cli":
@@ -687,8 +691,9 @@ def _in_process(module: str, args: list[str], log: Any) -> int:
             traceback.print_exc(file=log)
             return 1
         finally:
-            for lg, level in zip(loggers, levels):
+            for lg, (level, handlers, propagate) in zip(loggers, saved):
                 lg.setLevel(level)
+                lg.handlers, lg.propagate = handlers, propagate
             gc.collect()
 
 
