@@ -3,11 +3,11 @@
 It is `visprior reproduce vila/text-reblend-restores-text --scale toy --seeds 1 --out runs/demo --in_process true` (each
 stage the same `visprior fit` run, inside this one process): the toy world and its tokenizer are generated on first
 use, then the recipe's stages (text pre-training, the tower's classification and contrastive stages, alignment, VILA's
-interleaved pre-training, and the two SFT arms: visual instructions alone, or re-blended with text-only ones) and the evaluations (few-shot VQA, the toy text QA and held-out perplexity,
-MLE-Bench). This recipe because its claim (text-only SFT data keeps the text ability) is the one a toy model shows most
-reliably: the held-out text perplexity fell with the re-blend on three seeds out of three (docs/toy-results.md), though
-one seed by default is still one draw and `--seeds 3` gives the report's intervals. Relaunching resumes; finished stages
-come from the stage cache.
+interleaved pre-training, and the two SFT arms: visual instructions alone, or re-blended with text-only ones) and the
+evaluations (few-shot VQA, the toy text QA and held-out perplexity, MLE-Bench). This recipe because its claim (text-only
+SFT data keeps the text ability) is the one a toy model shows most reliably: the held-out text perplexity fell with the
+re-blend on three seeds out of three (docs/toy-results.md), though one seed by default is still one draw and `--seeds 3`
+gives the report's intervals. Relaunching resumes; finished stages come from the stage cache.
 """
 
 from __future__ import annotations
