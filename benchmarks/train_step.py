@@ -4,7 +4,7 @@ the same shapes.
 
 The model is the issue-13 side-by-side shape: SigLIP 64 px / patch 8 / 4 layers / 256 wide -> 2x2 merge to 16 tokens ->
 linear -> Llama 256 x 6, the toy tokenizer's vocabulary, tied embeddings, everything trainable; batch 8 x 256 tokens,
-AdamW foreach. The bare loop and the Lightning stage run the same weights, batch and optimizer with threads pinned, so
+AdamW (fused, as the stages pick on CPU; one row with foreach for the optimizer's share). The bare loop and the Lightning stage run the same weights, batch and optimizer with threads pinned, so
 their ratio is the framework's overhead (the Lightning loop carries the callbacks `visprior fit` adds: non-finite guard,
 loader resume, data health, preemption, RNG state, and `peak_flops: auto`). bf16 is autocast around the forward with
 fp32 weights and optimizer state (what `precision: bf16-mixed` does).
@@ -15,7 +15,7 @@ load, the ratios much less. Each ratio is given per round and as the median over
 means A is faster). `load_average` is sampled through the run and recorded with the figures.
 
 The nanoVLM rows run `VisionLanguageModel(cfg, load_backbone=False)` from a local clone (`--nanovlm DIR`, never copied
-into visprior) at the same widths, depths and vocabulary: `nanovlm` with the bare loop's optimizer (AdamW foreach,
+into visprior) at the same widths, depths and vocabulary: `nanovlm` with the bare loop's optimizer (the same AdamW,
 clipping, no schedule), so visprior/nanoVLM at the same precision compares the models; `nanovlm train.py` as its
 `train.py` runs on CPU (bf16 autocast, a padding `attention_mask`, `AdamW(param_groups)` at torch's CPU default,
 per-group learning rates, `loss.item()` per step), which is what "nanoVLM's defaults" means below. visprior's defaults
@@ -53,6 +53,7 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import lightning.pytorch as pl
 import torch
@@ -64,6 +65,7 @@ from visprior.models.language import LanguageModelSpec
 from visprior.models.presets import TOY_LLAMA, TOY_SIGLIP
 from visprior.models.vision import VisionTowerSpec
 from visprior.stages import InstructionTuning
+from visprior.stages import base as stages_base
 from visprior.stages.compile import compile_blocks
 from visprior.training import robust_callbacks
 
@@ -123,12 +125,16 @@ def autocast(precision: str):
 # ------------------------------------------------------------------------------------------------ loops
 
 
-def bare_loop(stage: InstructionTuning, batch: dict, steps: int, precision: str, compiled: bool) -> list[float]:
-    """Plain PyTorch: forward (autocast for bf16), backward, clip, AdamW, schedule; seconds per step."""
+def bare_loop(
+    stage: InstructionTuning, batch: dict, steps: int, precision: str, compiled: bool, foreach: bool = False
+) -> list[float]:
+    """Plain PyTorch: forward (autocast for bf16), backward, clip, AdamW, schedule; seconds per step. `foreach`: the
+    stage's AdamW with torch's foreach kernel in place of the fused one it picks on CPU (the optimizer row)."""
     if compiled:
         compile_blocks(stage.model)
     stage.train()
-    opt_cfg = stage.configure_optimizers()
+    with mock.patch.object(stages_base, "adamw", foreach_adamw) if foreach else contextlib.nullcontext():
+        opt_cfg = stage.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     params = [p for g in opt.param_groups for p in g["params"]]
     times = []
@@ -143,6 +149,10 @@ def bare_loop(stage: InstructionTuning, batch: dict, steps: int, precision: str,
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
     return times
+
+
+def foreach_adamw(groups: list[dict], **kwargs) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
 class StepTimer(Callback):
@@ -421,9 +431,10 @@ def nanovlm_model(folder: Path, stage: InstructionTuning) -> torch.nn.Module:
 
 
 def nanovlm_loop(model: torch.nn.Module, batch: dict, steps: int, precision: str) -> list[float]:
-    """nanoVLM's model under the bare loop's optimizer (AdamW foreach, clipping): the model-to-model comparison."""
+    """nanoVLM's model under the bare loop's optimizer (visprior's AdamW kernel choice, clipping): the model-to-model
+    comparison."""
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    opt = stages_base.adamw([{"params": list(model.parameters())}], lr=1e-4)
     params = list(model.parameters())
     times = []
     for _ in range(steps):
@@ -496,6 +507,12 @@ def configs(
                 return lightning_loop(stage, batch, args.steps, prec, compiled)
 
             out += [Config(f"{tag} bare", bare, prec), Config(f"{tag} lightning", light, prec, warmup=False)]
+        if prec == precisions[-1]:  # the optimizer kernel, at the last precision: fused (the stage's) / foreach
+
+            def bare_foreach(prec=prec) -> list[float]:
+                return bare_loop(copy.deepcopy(template), batch, args.steps + 1, prec, False, foreach=True)
+
+            out.append(Config(f"{prec} bare foreach", bare_foreach, prec))
     if nano is not None:
         for prec in precisions:
 
@@ -557,9 +574,11 @@ def ratios(times: dict[str, list[list[float]]], precisions: list[str], default: 
         out[f"visprior compiled Lightning ({prec}) / nanoVLM defaults"] = ratio(
             times, f"{prec} compiled lightning", "bf16 nanovlm train.py"
         )
-    out["nanoVLM foreach-AdamW loop / nanoVLM train.py loop (bf16)"] = ratio(
+    out["nanoVLM under the bare loop / nanoVLM train.py loop (bf16)"] = ratio(
         times, "bf16 nanovlm", "bf16 nanovlm train.py"
     )
+    for prec in precisions:
+        out[f"fused AdamW / foreach AdamW, {prec} bare"] = ratio(times, f"{prec} bare", f"{prec} bare foreach")
     for name in [n for n in times if n.endswith(" lightning")]:
         out[f"Lightning / bare, {name.removesuffix(' lightning')}"] = ratio(
             times, name, name.replace("lightning", "bare")

@@ -23,7 +23,7 @@ from visprior.stages import (
     LanguagePretraining,
     VisionLanguagePretraining,
 )
-from visprior.stages.base import schedule_factor
+from visprior.stages.base import adamw, schedule_factor
 from visprior.stages.contrastive import clip_loss, siglip_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_param_groups_no_decay_on_vectors_and_schedule(tokenizer_dir):
     )
     stage.decay_steps = 100
     opt = stage.configure_optimizers()["optimizer"]
-    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["foreach"] is True
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] is True  # CPU has torch's fused AdamW
     groups = {g["name"]: g for g in opt.param_groups}
     assert set(groups) == {"connector", "connector/no_decay", "language_model", "language_model/no_decay"}
     assert (
@@ -143,6 +143,31 @@ def test_param_groups_no_decay_on_vectors_and_schedule(tokenizer_dir):
 
 
 # ---------------------------------------------------------------------------------------------------- init_from
+
+
+
+def test_adamw_fused_where_the_device_has_it_and_the_same_update_as_foreach() -> None:
+    torch.manual_seed(0)
+    weights = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(5)]
+    runs = {}
+    for kernel in ("fused", "foreach"):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        groups = [{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}]
+        opt = adamw(groups, lr=1e-2) if kernel == "fused" else torch.optim.AdamW(groups, lr=1e-2, foreach=True)
+        assert opt.defaults["fused" if kernel == "fused" else "foreach"] is True
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        runs[kernel] = params
+    for fused, foreach, start in zip(runs["fused"], runs["foreach"], weights):
+        assert not torch.equal(fused, start)
+        torch.testing.assert_close(fused, foreach, rtol=1e-5, atol=1e-6)
+    # a device torch has no fused kernel for (meta stands in for one): foreach, as before
+    meta = [torch.nn.Parameter(torch.empty(4, 4, device="meta"))]
+    opt = adamw([{"params": meta}], lr=1e-3)
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
 
 
 def test_init_from_checkpoint_and_hf_folder(toyworld_dir, tokenizer_dir, tmp_path):

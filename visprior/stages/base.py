@@ -37,6 +37,24 @@ COUNTS_KEY = "host_counts"
 """Batch key under which the stage puts the batch's host-side counts before transfer (`Stage.batch_counts`)."""
 
 
+def adamw(groups: list[dict[str, Any]], **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW with torch's fused kernel where every parameter's device has one (CPU, CUDA, ...), foreach elsewhere.
+
+    Why fused: on CPU foreach runs each of AdamW's arithmetic steps as its own pass over every tensor; the fused kernel
+    updates a tensor in one pass. On the toy VLM (8.8M parameters) that is 77-86 ms against 9-14 ms per step on one core,
+    about a seventh of the whole training step (benchmarks/train_step.py measures both). Same update to float rounding.
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        fused_devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch without the helper: foreach, as before
+        fused_devices = set()
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in fused_devices and torch.is_floating_point(p) for p in params)
+    return torch.optim.AdamW(groups, **kwargs, **({"fused": True} if fused else {"foreach": True}))
+
+
 @dataclass
 class StepOutput:
     """What a stage's `compute_loss` hands back to the shared training step."""
@@ -363,7 +381,7 @@ class Stage(pl.LightningModule):
                     groups.append({"params": params, "lr": lr, "weight_decay": wd, "name": comp + suffix})
         if not groups:
             raise ValueError("trainable lists no component with parameters: nothing would train")
-        optimizer = torch.optim.AdamW(groups, betas=self.betas, foreach=True)
+        optimizer = adamw(groups, betas=self.betas)
         decay_steps = self.decay_steps
         if decay_steps is None and self.trainer is not None and self.trainer.max_steps > 0:
             decay_steps = self.trainer.max_steps
