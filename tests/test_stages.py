@@ -145,7 +145,6 @@ def test_param_groups_no_decay_on_vectors_and_schedule(tokenizer_dir):
 # ---------------------------------------------------------------------------------------------------- init_from
 
 
-
 def test_adamw_fused_where_the_device_has_it_and_the_same_update_as_foreach() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(64, 32), torch.randn(32)]
