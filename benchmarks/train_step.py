@@ -4,10 +4,11 @@ the same shapes.
 
 The model is the issue-13 side-by-side shape: SigLIP 64 px / patch 8 / 4 layers / 256 wide -> 2x2 merge to 16 tokens ->
 linear -> Llama 256 x 6, the toy tokenizer's vocabulary, tied embeddings, everything trainable; batch 8 x 256 tokens,
-AdamW (fused, as the stages pick on CPU; one row with foreach for the optimizer's share). The bare loop and the Lightning stage run the same weights, batch and optimizer with threads pinned, so
-their ratio is the framework's overhead (the Lightning loop carries the callbacks `visprior fit` adds: non-finite guard,
-loader resume, data health, preemption, RNG state, and `peak_flops: auto`). bf16 is autocast around the forward with
-fp32 weights and optimizer state (what `precision: bf16-mixed` does).
+AdamW fused, as the stages pick it on CPU (one row, `bare foreach`, gives the optimizer kernel's share). The bare loop
+and the Lightning stage run the same weights, batch and optimizer with threads pinned, so their ratio is the framework's
+overhead (the Lightning loop carries the callbacks `visprior fit` adds: non-finite guard, loader resume, data health,
+preemption, RNG state, and `peak_flops: auto`). bf16 is autocast around the forward with fp32 weights and optimizer
+state (what `precision: bf16-mixed` does).
 
 Every configuration runs once per round and the rounds alternate in one process (the order reversed every other round),
 so a ratio is taken between neighbours in time: on a shared machine the absolute figures drift with the neighbours'

@@ -142,9 +142,6 @@ def test_param_groups_no_decay_on_vectors_and_schedule(tokenizer_dir):
     assert schedule_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
 
 
-# ---------------------------------------------------------------------------------------------------- init_from
-
-
 def test_adamw_fused_where_the_device_has_it_and_the_same_update_as_foreach() -> None:
     torch.manual_seed(0)
     weights = [torch.randn(64, 32), torch.randn(32)]
@@ -167,6 +164,9 @@ def test_adamw_fused_where_the_device_has_it_and_the_same_update_as_foreach() ->
     meta = [torch.nn.Parameter(torch.empty(4, 4, device="meta"))]
     opt = adamw([{"params": meta}], lr=1e-3)
     assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+
+
+# ---------------------------------------------------------------------------------------------------- init_from
 
 
 def test_init_from_checkpoint_and_hf_folder(toyworld_dir, tokenizer_dir, tmp_path):
