@@ -16,6 +16,7 @@ from visprior.report import (
     claims_table,
     render_report,
     report_command,
+    stage_speed_table,
     t_quantile,
 )
 
@@ -177,6 +178,32 @@ def test_a_sweep_is_plotted_as_a_line(tmp_path: Path) -> None:
     d["claims"][0]["compare"] = ["r50", "r0"]
     render_report(d, tmp_path)
     assert (tmp_path / "acc.png").stat().st_size > 1000
+
+
+def test_the_runs_section_gives_each_stage_its_wall_time_throughput_and_mfu(tmp_path: Path) -> None:
+    d = doc({"a": [40.0], "b": [45.0]})
+    run = {"seed": 0, "entry": "e", "status": "ran", "global_step": 10}
+    d["runs"] = [
+        {**run, "arm": "a", "stage": "pretrain", "key": "p", "wall_time_s": 90.0, "tokens_per_s": 3000.0, "mfu": 0.2},
+        {
+            **run,
+            "arm": "b",
+            "stage": "pretrain",
+            "key": "p",
+            "wall_time_s": 90.0,
+            "tokens_per_s": 3000.0,
+            "mfu": 0.2,
+            "status": "cached",
+        },  # shared with arm a: counted once
+        {**run, "arm": "a", "stage": "sft", "key": "s1", "wall_time_s": 120.0, "tokens_per_s": 4000.0, "mfu": 0.3},
+        {**run, "arm": "b", "stage": "sft", "key": "s2", "wall_time_s": 180.0, "tokens_per_s": 2000.0, "mfu": 0.4},
+        {**run, "arm": "a", "stage": "align", "key": "al", "wall_time_s": 30.0},  # recorded before throughput was kept
+    ]
+    table = stage_speed_table(d)
+    assert "| pretrain | 1 | 1.5 min | 3,000 | 20.0 % |" in table, table
+    assert "| sft | 2 | 2.5 min | 3,000 | 35.0 % |" in table, table
+    assert "| align | 1 | 0.5 min | – | – |" in table, table
+    assert table in render_report(d, tmp_path).read_text()
 
 
 def test_visprior_report_rerenders_from_results_json_alone(tmp_path: Path, capsys) -> None:

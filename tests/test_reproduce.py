@@ -199,6 +199,15 @@ def test_a_second_arm_reuses_the_shared_stage_and_a_changed_key_reruns_it_and_wh
     assert (tmp_path / "a" / "report.md").is_file() and (
         tmp_path / "a" / "runs" / "vit" / "seed0" / "classify"
     ).is_dir()
+    # each stage records its throughput and MFU over its logged windows; a cached run brings the recorded ones along
+    for r in doc["runs"]:
+        assert r["global_step"] == 2 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 2, r
+    shared = [r for r in doc["runs"] if r["stage"] == "text-pretrain"]
+    assert shared[0]["mfu"] == shared[1]["mfu"]
+    assert (
+        f"| text-pretrain | 1 | {shared[0]['wall_time_s'] / 60:.1f} min | "
+        in (tmp_path / "a" / "report.md").read_text()
+    )
 
     reproduce(str(path), out=str(tmp_path / "b"), **run)  # nothing changed: nothing runs
     assert set(statuses(tmp_path / "b").values()) == {"cached"}

@@ -3,7 +3,7 @@
 `results.json` (written by `visprior reproduce`, see `results_document`) holds what the report needs and nothing it must
 recompute from the runs: the recipe's finding, citation, reported numbers and claims, the scale and seeds, every
 measurement per arm, metric and seed (value in the metric's display unit, sample count, the evaluation's own 95 %
-interval), and which stage runs ran or came from the cache, with their wall times.
+interval), and which stage runs ran or came from the cache, with their wall times, tokens/s and MFU.
 
 Statistics. Per arm and metric: the mean over seeds, the seeds' spread (min-max, and the standard deviation), and a 95 %
 interval over seeds (Student t with k-1 degrees of freedom; with one seed there is none, and the evaluation's own
@@ -346,6 +346,28 @@ def runs_section(doc: dict[str, Any]) -> str:
     ]
     if not doc.get("complete"):
         lines.append("- **incomplete**: the run has not finished; the tables hold the seeds measured so far")
+    return "\n".join(lines + ["", stage_speed_table(doc)])
+
+
+def stage_speed_table(doc: dict[str, Any]) -> str:
+    """One row per stage over its distinct runs (arms and seeds that share a cached run count once): wall time, and
+    the training throughput and MFU the stage measured over its logged windows (`train/tokens_per_s`, `train/mfu`),
+    averaged over the runs. A run recorded before these were kept shows a dash."""
+    by_stage: dict[str, list[dict[str, Any]]] = {}
+    for run in {x["key"]: x for x in doc["runs"]}.values():
+        by_stage.setdefault(run["stage"], []).append(run)
+
+    def mean(runs: list[dict[str, Any]], key: str) -> float | None:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    lines = ["| stage | distinct runs | wall time per run | tokens/s | MFU |", "|---|---|---|---|---|"]
+    for stage, runs in by_stage.items():
+        wall, tps, mfu = mean(runs, "wall_time_s"), mean(runs, "tokens_per_s"), mean(runs, "mfu")
+        lines.append(
+            f"| {stage} | {len(runs)} | {wall / 60:.1f} min | {'–' if tps is None else f'{tps:,.0f}'} | "
+            f"{'–' if mfu is None else f'{100 * mfu:.1f} %'} |"
+        )
     return "\n".join(lines)
 
 

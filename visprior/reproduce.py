@@ -79,7 +79,8 @@ class ReproduceError(ValueError):
 
 class StageComplete(pl.Callback):
     """Writes `path` when fit ends having reached `max_steps` (or `max_epochs`): what tells a finished stage from a
-    stopped one (preemption and the non-finite guard end fit cleanly too)."""
+    stopped one (preemption and the non-finite guard end fit cleanly too). It holds the stage's tokens/s and MFU over
+    this attempt's logged windows, which the report lists per stage."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -91,7 +92,8 @@ class StageComplete(pl.Callback):
         epochs_done = (trainer.max_steps in (None, -1) and trainer.max_epochs is not None
                        and trainer.current_epoch >= trainer.max_epochs)  # fmt: skip
         if trainer.is_global_zero and (steps_done or epochs_done) and not trainer.interrupted:
-            Path(self.path).write_text(json.dumps({"global_step": trainer.global_step}) + "\n")
+            measured = pl_module.throughput() if hasattr(pl_module, "throughput") else {}
+            Path(self.path).write_text(json.dumps({"global_step": trainer.global_step, **measured}) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ content hashes
@@ -903,8 +905,10 @@ def execute(plan: Plan, hashes: ContentHashes, launch: Launch) -> dict[str, Any]
                 if status == "cached" and run.shared_with and run.shared_with != arm:
                     status = f"cached (shared with arm {run.shared_with})"
                 print(f"{prefix}: {status}, {_fmt_time(wall)}", flush=True)
+                done = json.loads((run.entry / "done.json").read_text())
+                speed = {k: done[k] for k in ("global_step", "tokens_per_s", "mfu") if k in done}
                 doc["runs"].append({"arm": arm, "seed": seed, "stage": stage, "key": run.key, "entry": str(run.entry),
-                                    "status": status.split(" ")[0], "wall_time_s": round(wall, 1)})  # fmt: skip
+                                    "status": status.split(" ")[0], "wall_time_s": round(wall, 1), **speed})  # fmt: skip
                 link(run.entry / "run", plan.out / "runs" / arm / f"seed{seed}" / stage)
             for stage, ev in recipe.evaluations.items():
                 if stage not in stages:

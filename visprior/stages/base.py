@@ -236,6 +236,7 @@ class Stage(pl.LightningModule):
         self._frozen = False
         self._last_time: float | None = None
         self._window = [0, 0, 0.0]  # tokens, samples, model FLOPs since the last logged step
+        self._measured = [0, 0.0, 0.0]  # tokens (all ranks), model FLOPs (this rank), seconds over the logged windows
         self._supervised_total: int | torch.Tensor = 0
         self._peak: float | None = None if peak_flops == "auto" else peak_flops
         self._clip_params: list[nn.Parameter] | None = None
@@ -461,9 +462,22 @@ class Stage(pl.LightningModule):
                 self.log("train/samples_per_s", samples * world / dt, batch_size=bs)
                 if self._peak and flops:
                     self.log("train/mfu", flops / dt / self._peak, batch_size=bs)
+                m = self._measured
+                self._measured = [m[0] + tokens * world, m[1] + flops, m[2] + dt]
                 self._last_time, self._window = now, [0, 0, 0.0]
         loss = self.weight_across_ranks(out.loss, out.weight)
         return skip_nonfinite(self, loss, batch)  # None (a skipped step) when the loss is not finite on any rank
+
+    def throughput(self) -> dict[str, float]:
+        """Tokens/s and MFU over every logged window of this fit (the first step, with set-up and compile, is not in
+        them): what the stage cache records beside a finished stage's wall time. Empty before the first window."""
+        tokens, flops, seconds = self._measured
+        if seconds <= 0:
+            return {}
+        out = {"tokens_per_s": tokens / seconds}
+        if self._peak and flops:
+            out["mfu"] = flops / seconds / self._peak
+        return out
 
     def weight_across_ranks(self, loss: torch.Tensor, weight: int | torch.Tensor | None) -> torch.Tensor:
         """`loss * weight * W / sum of weights over ranks`: DDP and FSDP2 average gradients over the W ranks, so this
