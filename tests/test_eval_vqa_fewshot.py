@@ -159,3 +159,17 @@ def test_fewshot_runs_on_a_tiny_vlm():
     support = _support(10)
     res = evaluate_fewshot(TinyVLM(), support[:2], support, dataset=DatasetInfo("s", "-", 2, ""), max_new_tokens=2)
     assert set(res.metrics) == {"0-shot", "4-shot", "8-shot"} and all(m.n == 2 for m in res.metrics.values())
+
+
+def test_fewshot_answers_end_at_the_chat_end_token_too(monkeypatch):
+    """An instruction-tuned VLM closes its answer with `<|im_end|>` even in the plain few-shot format; the answer is the
+    text before it (as every other generated evaluation reads it), not `no<|im_end|><|im_end|>...`, which never matches."""
+    from visprior.eval.generate import truncate_at_stop
+
+    def chat_tuned(model, prompts, images, *, stop, **kw):  # what generate returns for this continuation and `stop`
+        return [truncate_at_stop("no<|im_end|><|im_end|> left", stop).strip() for _ in prompts]
+
+    monkeypatch.setattr(vqa, "generate", chat_tuned)
+    queries = [VQAItem("q", _img(0), "<image>\nIs there a star?", "no", "exist")]
+    res = evaluate_fewshot(None, queries, _support(6), dataset=DatasetInfo("s", "-", 1, ""), shots=(0, 4))
+    assert res.metrics["0-shot"].value == res.metrics["4-shot"].value == 1.0, res.metrics

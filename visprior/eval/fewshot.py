@@ -20,6 +20,9 @@ from visprior.eval.results import Accumulator, DatasetInfo, TaskResult
 from visprior.eval.vqa import VQAItem, score_items
 
 SHOTS = (0, 4, 8)
+FEWSHOT_STOP = ("\n", "<|im_end|>", "<|endoftext|>")
+"""Where a few-shot answer ends: the line, or the chat end token an instruction-tuned model closes its answer with even
+in this plain format (without it, `no<|im_end|>...` never matches `no`)."""
 
 
 @dataclass
@@ -73,7 +76,7 @@ def evaluate_fewshot(
         prompts = [build_fewshot_prompt(q, support, k, seed) for q in queries]
         correct = score_items(model, queries, [p.text for p in prompts], [p.images for p in prompts],
                               batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              stop=("\n", "<|endoftext|>"), choice_prefix=" ")  # fmt: skip
+                              stop=FEWSHOT_STOP, choice_prefix=" ")  # fmt: skip
         for ok in correct:
             acc.update(f"{k}-shot", float(ok))
     metrics = {name: acc.accuracy(name) for name in acc.names()}
