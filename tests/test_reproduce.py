@@ -316,3 +316,19 @@ def test_a_toy_tokenizer_records_its_world(toyworld_dir: Path, tokenizer_dir: Pa
 
     assert trained_on(tokenizer_dir) == {**world_identity(toyworld_dir), "vocab_size": 2048}
     assert world_identity(toyworld_dir)["preset"] == "smoke"
+
+
+def test_an_evaluation_cached_under_another_scoring_revision_is_not_reused(
+    project: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from visprior.eval import results
+    from visprior.reproduce import evaluation_key
+
+    plan = plan_of(REPO / "recipes" / "vila" / "text-reblend-restores-text.yaml", tmp_path)
+    run, ev = plan.run("visual", 0, "sft"), plan.recipe.evaluations["sft"]
+    hashes = ContentHashes(tmp_path / "hashes.json")
+    key, doc = evaluation_key(plan, run, ev, hashes)
+    assert doc["scoring_revision"] == results.SCORING_REVISION and doc["stage"] == run.key
+    assert evaluation_key(plan, run, ev, hashes)[0] == key  # the same inputs: the same key
+    monkeypatch.setattr(results, "SCORING_REVISION", results.SCORING_REVISION + 1)
+    assert evaluation_key(plan, run, ev, hashes)[0] != key

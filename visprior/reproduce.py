@@ -784,11 +784,11 @@ def eval_command(plan: Plan, run: StageRun, ev: EvaluationSpec, out: Path) -> tu
     return "visprior.cli", args
 
 
-def run_evaluation(
-    plan: Plan, run: StageRun, ev: EvaluationSpec, hashes: ContentHashes, launch: Launch
-) -> tuple[Path, str, float]:
-    """Evaluate one finished stage (cached beside it); returns (results.json, status, wall time)."""
-    from visprior.eval.results import visprior_version
+def evaluation_key(plan: Plan, run: StageRun, ev: EvaluationSpec, hashes: ContentHashes) -> tuple[str, dict[str, Any]]:
+    """The cache key of one evaluation and what it hashes: the stage run's key, tasks, options, the evaluation data's
+    content, the seed, and the scoring's revision (a fix to how answers are read must not return results cached
+    before it)."""
+    from visprior.eval.results import SCORING_REVISION, visprior_version
 
     options = eval_options(plan, ev)
     if ev.tasks == [CLASSIFY_TASK]:
@@ -802,8 +802,16 @@ def run_evaluation(
             inputs["mle_bench"] = hashes.of(options["mle_bench"])
     hashes.save()
     doc = {"stage": run.key, "tasks": ev.tasks, "options": {k: v for k, v in options.items() if k != "data"},
-           "inputs": inputs, "seed": run.seed, "visprior_version": visprior_version()}  # fmt: skip
-    key = hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+           "inputs": inputs, "seed": run.seed, "visprior_version": visprior_version(),
+           "scoring_revision": SCORING_REVISION}  # fmt: skip
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest(), doc
+
+
+def run_evaluation(
+    plan: Plan, run: StageRun, ev: EvaluationSpec, hashes: ContentHashes, launch: Launch
+) -> tuple[Path, str, float]:
+    """Evaluate one finished stage (cached beside it); returns (results.json, status, wall time)."""
+    key, doc = evaluation_key(plan, run, ev, hashes)
     folder = run.entry / "eval" / key[:12]
     results = folder / "results.json"
     with locked(run.entry / "eval"):

@@ -27,6 +27,11 @@ SCHEMA_VERSION = 1
 Z95 = 1.959963984540054
 
 
+SCORING_REVISION = 2
+"""Bumped when a change alters what an evaluation returns for the same model and data (2: few-shot answers end at the
+chat end token too), so `visprior reproduce` does not reuse evaluations cached before it."""
+
+
 def visprior_version() -> str:
     """The installed distribution's version (the package may be imported as a namespace in editable installs)."""
     try:
