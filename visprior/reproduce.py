@@ -704,12 +704,12 @@ def _last_line(log: Path) -> str:
     return lines[-1].replace("  (--debug: traceback)", "") if lines else "no output"
 
 
-def run_stage(plan: Plan, run: StageRun, prefix: str, launch: Launch) -> tuple[str, float]:
-    """Run (or find finished) one stage; returns (status, wall time of the stage)."""
+def run_stage(plan: Plan, run: StageRun, prefix: str, launch: Launch) -> tuple[str, dict[str, Any]]:
+    """Run (or find finished) one stage; returns (status, its done.json record: wall time, steps, tokens/s, MFU)."""
     with locked(run.entry):
         done = run.entry / "done.json"
         if done.is_file():
-            return "cached", float(json.loads(done.read_text()).get("wall_time_s", 0.0))
+            return "cached", json.loads(done.read_text())
         for dep, key in run.upstream.items():
             if not (plan.entry_of(key) / "done.json").is_file():
                 raise ReproduceError(f"stage {run.stage} starts from {dep}, which has not finished")
@@ -743,11 +743,11 @@ def run_stage(plan: Plan, run: StageRun, prefix: str, launch: Launch) -> tuple[s
             raise ReproduceError(f"{where} stopped before its last step (preempted, or stopped by the non-finite "
                                  f"guard); log: {log}; rerun the same command to resume it")  # fmt: skip
         total = sum(a["wall_time_s"] for a in attempts)
-        done.write_text(json.dumps({"key": run.key, "stage": run.stage, "wall_time_s": round(total, 1),
-                                    **json.loads(complete.read_text()), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                                   indent=1) + "\n")  # fmt: skip
+        record = {"key": run.key, "stage": run.stage, "wall_time_s": round(total, 1), **json.loads(complete.read_text()),
+                  "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        done.write_text(json.dumps(record, indent=1) + "\n")
         note = f" (resumed from step {resumed})" if resumed else ""
-        return f"ran{note}", total
+        return f"ran{note}", record
 
 
 def eval_options(plan: Plan, ev: EvaluationSpec) -> dict[str, Any]:
@@ -909,11 +909,11 @@ def execute(plan: Plan, hashes: ContentHashes, launch: Launch) -> dict[str, Any]
             for sj, stage in enumerate(stages, 1):
                 run = plan.run(arm, seed, stage)
                 prefix = f"[reproduce] seed {seed} ({si}/{n_seeds}) · arm {ai}/{n_arms} {arm} · stage {sj}/{len(stages)} {stage}"
-                status, wall = run_stage(plan, run, prefix, launch)
+                status, done = run_stage(plan, run, prefix, launch)
+                wall = float(done.get("wall_time_s", 0.0))
                 if status == "cached" and run.shared_with and run.shared_with != arm:
                     status = f"cached (shared with arm {run.shared_with})"
                 print(f"{prefix}: {status}, {_fmt_time(wall)}", flush=True)
-                done = json.loads((run.entry / "done.json").read_text())
                 speed = {k: done[k] for k in ("global_step", "tokens_per_s", "mfu") if k in done}
                 doc["runs"].append({"arm": arm, "seed": seed, "stage": stage, "key": run.key, "entry": str(run.entry),
                                     "status": status.split(" ")[0], "wall_time_s": round(wall, 1), **speed})  # fmt: skip
