@@ -280,6 +280,7 @@ def test_the_good_test_recipe_loads(project: Path) -> None:
         (lambda d: d["stages"]["classify"].update(init_from={"nowhere": ["vision_tower"]}), "stages.classify.init_from.nowhere", "unknown stage"),
         (lambda d: d["evaluations"]["classify"]["metrics"]["top1"].update(metric="classify/top3"), "evaluations.classify.metrics.top1.metric", "writes no metric"),
         (lambda d: d["evaluations"]["classify"].update(tasks=["classify", "vqa"]), "evaluations.classify.tasks", "goes alone"),
+        (lambda d: d["evaluations"]["classify"]["metrics"]["top1"].update(chance="a quarter"), "evaluations.classify.metrics.top1.chance", "a guess's score"),
         (lambda d: d["claims"][0].update(compare=["block", "other"]), "claims.0.compare", "two different arms"),
         (lambda d: d["claims"][0].update(direction="none"), "claims.0.tolerance", "needs the tolerance"),
         (lambda d: d["claims"][0].update(paper=2.0), "claims.0.paper", "disagrees with the reported values"),

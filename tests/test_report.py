@@ -12,6 +12,7 @@ import pytest
 from visprior.report import (
     VERDICTS,
     arm_summary,
+    chance_line,
     claim_summary,
     claims_table,
     render_report,
@@ -168,6 +169,23 @@ def test_report_has_tables_paper_values_marked_and_plots(tmp_path: Path) -> None
     assert "50.0 (table)" in text and "≈61.2 (read off figure)" in text
     assert "**reproduced trend**" in text and "3/3" in text
     assert (tmp_path / "acc.png").stat().st_size > 1000 and "![accuracy](acc.png)" in text
+
+
+def test_the_report_says_which_arms_are_above_chance_and_when_none_is(tmp_path: Path) -> None:
+    d = doc({"a": [24.0, 25.5, 26.0], "b": [40.0, 41.0, 42.0], "c": [1.0, 2.0, 1.5]})
+    assert chance_line(d, "acc") is None  # no chance level given: nothing said
+    d["metrics"]["acc"]["chance"] = 25.0
+    line = chance_line(d, "acc")
+    assert line.startswith("Chance (a guess) scores 25.0 %:"), line
+    assert "a at chance (its interval holds it)" in line and "b above chance" in line and "c below chance" in line
+    assert "No arm is above chance" not in line
+    text = render_report(d, tmp_path).read_text()
+    assert line in text and text.index("| c | 1.5 |") < text.index(line) < text.index("![accuracy]")
+    d["measurements"].pop("b")
+    assert chance_line(d, "acc").endswith("No arm is above chance: at toy scale this measure shows no ability yet.")
+    one_seed = doc({"a": [27.0]}, items=1.5)  # one seed: the interval over items decides
+    one_seed["metrics"]["acc"]["chance"] = 25.0
+    assert "a above chance" in chance_line(one_seed, "acc")
 
 
 def test_a_sweep_is_plotted_as_a_line(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ RECIPE_KEYS = ("finding", "paper", "source", "stages", "arms", "evaluations", "r
 STAGE_KEYS = ("config", "init_from", "overrides")
 ARM_META_KEYS = ("label", "x", "description")
 EVAL_KEYS = ("tasks", "metrics", "options")
-METRIC_KEYS = ("label", "metric", "pool", "mean", "unit", "higher_is_better", "paper_metric")
+METRIC_KEYS = ("label", "metric", "pool", "mean", "unit", "higher_is_better", "paper_metric", "chance")
 CLAIM_KEYS = ("metric", "compare", "direction", "tolerance", "paper", "statement")
 SCALE_KEYS = (
     "use",
@@ -274,6 +274,8 @@ class MetricSpec:
     higher_is_better: bool = True
     paper_metric: str = ""
     """What the paper's column measures, when it is not the same thing (e.g. 'Vision-Centric VQA average')."""
+    chance: float | None = None
+    """A guess's score in display units (25 for a 4-way choice in %): the report says which arms are above it."""
 
     @property
     def factor(self) -> float:
@@ -700,8 +702,15 @@ def _metric(check: _Check, key: str, name: str, stage: str, tasks: list[str], m:
     hib = m.get("higher_is_better", unit != "ppl")
     if not isinstance(hib, bool):
         check.fail(f"{key}.higher_is_better", "expected true or false")
+    chance = m.get("chance")
+    if chance is not None and (isinstance(chance, bool) or not isinstance(chance, (int, float))):
+        check.fail(
+            f"{key}.chance",
+            f"expected a guess's score in the metric's unit (25 for a 4-way choice in %), got {chance!r}",
+        )
     return MetricSpec(name, stage, str(m.get("label") or name), list(sources), "one" if kind == "metric" else kind,
-                      unit, hib, str(m.get("paper_metric") or ""))  # fmt: skip
+                      unit, hib, str(m.get("paper_metric") or ""),
+                      None if chance is None else float(chance))  # fmt: skip
 
 
 def _value(check: _Check, key: str, v: Any, mark: str, where: str) -> ReportedValue:

@@ -90,6 +90,7 @@ def results_document(plan: Any, host: dict[str, Any]) -> dict[str, Any]:
                 "sources": m.sources,
                 "combine": m.combine,
                 "paper_metric": m.paper_metric,
+                "chance": m.chance,
             }
             for name, m in r.metrics.items()
         },  # fmt: skip
@@ -286,6 +287,30 @@ def metric_table(doc: dict[str, Any], metric: str) -> str:
     return "\n".join(lines)
 
 
+def chance_line(doc: dict[str, Any], metric: str) -> str | None:
+    """Where each arm stands against a guess, by its 95 % interval; None when the metric has no chance level or no
+    arm is measured. Says so plainly when no arm is above chance (MLE-Bench's generated letter at toy budgets)."""
+    m = doc["metrics"][metric]
+    chance = m.get("chance")
+    if chance is None:
+        return None
+    unit = f" {m['unit']}" if m["unit"] else ""
+    verdicts = {}
+    for arm in (a["name"] for a in doc["arms"]):
+        if (s := arm_summary(doc, arm, metric)) is not None:
+            lo, hi = s["ci95"]
+            verdicts[arm] = "above" if lo > chance else "below" if hi < chance else "at"
+    if not verdicts:
+        return None
+    words = {"above": "above chance", "below": "below chance", "at": "at chance (its interval holds it)"}
+    line = f"Chance (a guess) scores {_num(chance, m['unit'])}{unit}: " + "; ".join(
+        f"{arm} {words[v]}" for arm, v in verdicts.items()
+    )
+    if "above" not in verdicts.values():
+        line += f". No arm is above chance: at {doc['scale']['name']} scale this measure shows no ability yet"
+    return line + "."
+
+
 def claims_table(doc: dict[str, Any]) -> str:
     scale = doc["scale"]["name"]
     lines = [
@@ -319,6 +344,8 @@ def terminal_summary(doc: dict[str, Any]) -> str:
              "", claims_table(doc)]  # fmt: skip
     for metric, m in doc["metrics"].items():
         parts += ["", m["label"], metric_table(doc, metric)]
+        if line := chance_line(doc, metric):
+            parts.append(line)
     return "\n".join(parts)
 
 
@@ -470,6 +497,8 @@ def render_report(doc: dict[str, Any], out: str | Path) -> Path:
         if m.get("paper_metric"):
             lines += [f"The paper's column: {m['paper_metric']}.", ""]
         lines.append(metric_table(doc, metric))
+        if line := chance_line(doc, metric):
+            lines += ["", line]
         png = plot_metric(doc, metric, out / f"{metric}.png")
         if png is not None:
             lines += ["", f"![{m['label']}]({png.name})"]
