@@ -22,9 +22,10 @@ os.environ.setdefault("VISPRIOR_CACHE_DIR", tempfile.mkdtemp(prefix="visprior-ca
 def long_tests_run(env: dict[str, str], markexpr: str, bf16_flags: tuple[str, ...]) -> bool:
     """Whether `long` tests (the main job end to end at toy scale) run: with `VISPRIOR_LONG=1` or `-m long`, and in CI
     (`CI=true`) on a CPU with native bf16 (`avx512_bf16` / `amx_bf16`, as `precision: auto` reads them). There one seed
-    takes 9-12 min (8m44s on a Zen 5 EPYC, 11m41s on a Zen 4, with the toy world generated), so the suite with it stays
-    well inside CI's 90 minutes; on an AVX2-only CPU (fp32) it took about 27 min beside a suite of up to an hour, which
-    would leave no margin, so CI there runs the same recipe at smoke size only (tests/test_recipes.py)."""
+    takes 9-12 min (8m44s on a Zen 5 EPYC with the toy world generated, 11m41s on a Zen 4 without), and the suite with
+    it stays well inside CI's 90 minutes (30 min on the Zen 5); on an AVX2-only CPU (fp32) it took about 27 min beside
+    a suite of up to an hour, which would leave no margin, so CI there runs the recipe at smoke size only
+    (tests/test_recipes.py)."""
     if env.get("VISPRIOR_LONG") == "1" or "long" in markexpr:
         return True
     return env.get("CI") == "true" and bool(bf16_flags)

@@ -3,10 +3,10 @@
 It checks the result's structure, and of the learned numbers only the one that held on every seed tried: the re-blend
 arm's held-out text perplexity below the visual arm's. The gap (mean of seven categories, 1,400 documents) was
 -1.31 / -1.97 / -3.00 on seeds 0 / 1 / 2 on a Zen 4 EPYC (2026-12-02) and -2.18 / -5.22 / -3.03 on a Zen 5 EPYC
-(2026-12-07), so a gap below 0 is asserted, nothing tighter. The text QA, VQA and
-MLE-Bench are reported, never asserted. One seed takes 9-12 min on 2 cores with native bf16 and about 27 min on an
-AVX2-only CPU, so it is `long`: it runs in CI where the CPU has native bf16 (conftest's `long_tests_run`), and with
-`VISPRIOR_LONG=1` or `-m long`; CI runs the same recipe end to end at smoke size everywhere (tests/test_recipes.py).
+(2026-12-07), so a gap below 0 is asserted, nothing tighter. The text QA, VQA and MLE-Bench are reported, never
+asserted. One seed takes 9-12 min on 2 cores with native bf16 and about 27 min on an AVX2-only CPU, so it is `long`: it
+runs in CI where the CPU has native bf16 (conftest's `long_tests_run`), and with `VISPRIOR_LONG=1` or `-m long`; CI runs
+the same recipe end to end at smoke size everywhere (tests/test_recipes.py).
 """
 
 from __future__ import annotations

@@ -403,7 +403,10 @@ def stage_speed_table(doc: dict[str, Any]) -> str:
 
 def plot_metric(doc: dict[str, Any], metric: str, path: Path) -> Path | None:
     """Arms as bars (mean, 95 % interval, one dot per seed) beside the paper's; a sweep (every arm has an `x`) as a
-    line with its interval band. Measured and reported values get separate panels: they are on different scales."""
+    line with its interval band; a dashed line at the metric's chance level if it has one. Measured and reported values
+    get separate panels: they are on different scales."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,11 +439,13 @@ def plot_metric(doc: dict[str, Any], metric: str, path: Path) -> Path | None:
         for x, s in zip(xs, summaries):
             ax.scatter([x] * s["k"], s["values"], s=12, color="k", alpha=0.6, zorder=3)
         ax.set_xticks(xs, [a["name"] for a in arms], rotation=20, ha="right")
+    if m.get("chance") is not None:
+        ax.axhline(m["chance"], color="grey", linestyle="--", linewidth=1)
+        ax.annotate("chance", (0, m["chance"]), xycoords=("axes fraction", "data"), xytext=(2, 2),
+                    textcoords="offset points", fontsize=7, color="grey")  # fmt: skip
     ax.set_title(f"measured, {scale} scale ({len(doc['seeds'])} seed(s); 95 % interval)", fontsize=9)
-    ax.set_ylabel(m["label"] + unit, fontsize=9)
+    ax.set_ylabel(textwrap.fill(m["label"] + unit, 40), fontsize=9)  # long labels wrap instead of leaving the figure
     if has_paper:
-        import textwrap
-
         ax2 = axes[0][1]
         pts = [(i, a, v) for i, (a, v) in enumerate(zip(arms, reported)) if v]
         xs2 = [a["x"] for _, a, _ in pts] if sweep else [i for i, _, _ in pts]
@@ -458,7 +463,7 @@ def plot_metric(doc: dict[str, Any], metric: str, path: Path) -> Path | None:
         ax2.set_title(textwrap.fill(f"paper, as reported ({', '.join(marks)}): {what}", 60), fontsize=8)
         ax2.set_ylabel(m["unit"] or "value", fontsize=9)
         ax2.margins(y=0.25)
-    fig.suptitle(f"{doc['recipe']['name']}: {m['label']}", fontsize=10)
+    fig.suptitle(textwrap.fill(f"{doc['recipe']['name']}: {m['label']}", 90), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
