@@ -40,10 +40,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     slow = env.get("CI") == "true" or env.get("VISPRIOR_SLOW") == "1" or "slow" in marks
     long = long_tests_run(dict(env), marks, bf16_flags())
     skip_slow = pytest.mark.skip(reason="slow: runs in CI (CI=true) or with VISPRIOR_SLOW=1")
+    here = " (none here)" if env.get("CI") == "true" else ""
     skip_long = pytest.mark.skip(
-        reason="long: runs with VISPRIOR_LONG=1 or -m long, and in CI on a CPU with native bf16 (none here)"
-        if env.get("CI") == "true"
-        else "long: runs with VISPRIOR_LONG=1 or -m long, and in CI on a CPU with native bf16"
+        reason=f"long: runs with VISPRIOR_LONG=1 or -m long, and in CI on a CPU with native bf16{here}"
     )
     for item in items:
         if "long" in item.keywords and not long:
